@@ -1,0 +1,81 @@
+"""KVCommConfig: the frozen, validated hyper-parameters of KVCOMM (paper §5, spec §7.1).
+
+Defaults follow the official code (gamma 0.3, V 20, W 5, tau 1, top-p 0.9, layer 0 uncorrected).
+Every knowing deviation from the official code is a switch here, with the official value
+available through ``KVCommConfig.faithful()``; ``docs/fidelity.md`` lists each one and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+TOP_P_CREDIT_MODES = ("official", "nucleus")
+DISTANCE_DTYPES = ("float32", "cache")
+
+
+@dataclass(frozen=True)
+class KVCommConfig:
+    # ---- the paper's hyper-parameters (official defaults) ----
+    gamma: float = 0.3                 # normalized-entropy gate; >= 1 disables the gate
+    max_anchors: int = 20              # V: anchors per placeholder
+    window: int = 5                    # W: LFU eviction looks at the W oldest anchors
+    temperature: float = 1.0           # tau of both matching softmaxes
+    top_p: float = 0.9                 # activation credit after a confident prediction
+    min_anchors: int = 2               # fewer length-compatible anchors => dense prefill
+    first_corrected_layer: int = 1     # layer 0 is never corrected
+    # ---- where we knowingly differ from the official code (faithful value in comments) ----
+    derotated_storage: bool = True     # official: False (deltas/embeddings in absolute frame)
+    distance_dtype: str = "float32"    # official: "cache" (distances in the KV dtype)
+    top_p_credit: str = "nucleus"      # official: "official" (crossing element excluded)
+    strict_pool_size: bool = True      # official: False (pool holds V + 1 anchors)
+    evict_on_delta_update: bool = False  # official: True (eviction check on every set_anchor)
+    request_isolation: str = "merge"   # official: "bucket" (last committer wins per placeholder)
+    # ---- production bounds (no official counterpart: the official pool is unbounded) ----
+    anchor_budget_bytes: int = 1 << 30
+    min_segment_tokens: int = 1
+    recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
+    namespace_prefix: str = "kvcomm:"  # approximate KV only under extra_key with this prefix
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.gamma, f"gamma must be >= 0, got {self.gamma}")
+        _require(self.max_anchors >= 1, f"max_anchors must be >= 1, got {self.max_anchors}")
+        _require(self.window >= 1, f"window must be >= 1, got {self.window}")
+        _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.min_anchors >= 1, f"min_anchors must be >= 1, got {self.min_anchors}")
+        _require(self.first_corrected_layer >= 0,
+                 f"first_corrected_layer must be >= 0, got {self.first_corrected_layer}")
+        _require(self.distance_dtype in DISTANCE_DTYPES,
+                 f"distance_dtype must be one of {DISTANCE_DTYPES}, got {self.distance_dtype!r}")
+        _require(self.top_p_credit in TOP_P_CREDIT_MODES,
+                 f"top_p_credit must be one of {TOP_P_CREDIT_MODES}, got {self.top_p_credit!r}")
+        _require(self.request_isolation in ("merge", "bucket"),
+                 f"request_isolation must be 'merge' or 'bucket', got {self.request_isolation!r}")
+        _require(self.anchor_budget_bytes > 0,
+                 f"anchor_budget_bytes must be > 0, got {self.anchor_budget_bytes}")
+        _require(self.min_segment_tokens >= 1,
+                 f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
+        _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")
+
+    @classmethod
+    def faithful(cls, **overrides) -> "KVCommConfig":
+        """The official code's behaviour, quirks included (for A/B parity runs)."""
+        values = dict(derotated_storage=False, distance_dtype="cache", top_p_credit="official",
+                      strict_pool_size=False, evict_on_delta_update=True,
+                      request_isolation="bucket")
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def pool_capacity(self) -> int:
+        """Anchors a placeholder pool holds at steady state (official: V + 1, spec §5.3)."""
+        return self.max_anchors if self.strict_pool_size else self.max_anchors + 1
+
+    def replace(self, **changes) -> "KVCommConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
