@@ -48,19 +48,23 @@ class RopeSpec:
     @classmethod
     def build(cls, head_dim: int, base: float, rotary_dim: int | None = None,
               scaling: dict | None = None, is_neox: bool = True) -> "RopeSpec":
+        """Frequencies computed in fp32 exactly as transformers and SGLang compute them."""
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         if base <= 0:
             raise ValueError(f"rope base (theta) must be > 0, got {base}")
+        if rotary_dim <= 0 or rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and > 0, got {rotary_dim}")
         kind = _scaling_kind(scaling)
-        inv = [base ** (-(2 * i) / rotary_dim) for i in range(rotary_dim // 2)]
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        inv = 1.0 / (base ** exponents)
         mscale = 1.0
         if kind == "linear":
-            inv = [f / _need(scaling, "factor") for f in inv]
+            inv = inv / _need(scaling, "factor")
         elif kind == "llama3":
             inv = _llama3(inv, scaling)
         elif kind == "yarn":
             inv, mscale = _yarn(base, rotary_dim, scaling)
-        return cls(head_dim, rotary_dim, tuple(inv), is_neox, kind, mscale)
+        return cls(head_dim, rotary_dim, tuple(inv.tolist()), is_neox, kind, mscale)
 
     @classmethod
     def from_hf_config(cls, config) -> "RopeSpec":
@@ -134,28 +138,24 @@ def _need(scaling: dict, key: str) -> float:
     return float(scaling[key])
 
 
-def _llama3(inv: list[float], scaling: dict) -> list[float]:
+def _llama3(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor, low = _need(scaling, "factor"), _need(scaling, "low_freq_factor")
     high = _need(scaling, "high_freq_factor")
     old_len = _need(scaling, "original_max_position_embeddings")
     low_wavelen, high_wavelen = old_len / low, old_len / high
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(f)
-        elif wavelen > low_wavelen:
-            out.append(f / factor)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            out.append((1 - smooth) * f / factor + smooth * f)
-    return out
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn(base: float, dim: int, scaling: dict) -> tuple[list[float], float]:
+def _yarn(base: float, dim: int, scaling: dict) -> tuple[torch.Tensor, float]:
     factor = _need(scaling, "factor")
     old_len = _need(scaling, "original_max_position_embeddings")
-    beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
 
     def correction_dim(num_rotations: float) -> float:
         return dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -166,11 +166,19 @@ def _yarn(base: float, dim: int, scaling: dict) -> tuple[list[float], float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    inv = []
-    for i in range(dim // 2):
-        extrapolation = base ** (-(2 * i) / dim)
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-        keep = 1.0 - ramp  # share of the extrapolated (unscaled) frequency
-        inv.append(extrapolation / factor * (1 - keep) + extrapolation * keep)
-    mscale = float(scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0))
-    return inv, mscale
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp                      # share of the extrapolated (unscaled) frequency
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv, _yarn_mscale(factor, scaling)
+
+
+def _yarn_mscale(factor: float, scaling: dict) -> float:
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def get(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return get(factor, m) / get(factor, m_all) if m and m_all else get(factor)

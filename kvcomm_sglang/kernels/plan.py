@@ -60,6 +60,56 @@ class MaterializePlan:
                    is_neox=is_neox)
 
 
+def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, num_heads: int,
+                    head_dim: int, is_neox: bool = True,
+                    first_corrected_layer: int = 1) -> MaterializePlan:
+    """Flatten a core ``ReusePlan`` (de-rotated storage) into a MaterializePlan.
+
+    ``slots_of(source)`` returns the (N,) pool slots holding a stored KV; sources are the pieces'
+    ``StoredKV`` and ``(anchor, consumer, "content" | "template")`` deviations. ``dst_slots``
+    covers every piece after x0, in prompt order.
+    """
+    device = dst_slots.device
+    num_anchors = max((len(p.anchors) for p in reuse.pieces), default=0)
+    cols = {"src": [], "pos": [], "dev": [], "twk": [], "twv": [], "group": []}
+    channel_wk, channel_wv = [], []
+    for piece in reuse.pieces:
+        n = piece.source.length
+        if bool(piece.source.positions.any()):
+            raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
+        cols["src"].append(slots_of(piece.source).to(device))
+        cols["pos"].append(torch.arange(piece.start, piece.start + n, device=device))
+        dev = torch.full((n, num_anchors), -1, dtype=torch.long, device=device)
+        twk = torch.zeros(n, num_anchors, device=device)
+        twv = torch.zeros(n, num_anchors, device=device)
+        for a, anchor in enumerate(piece.anchors):
+            dev[:, a] = slots_of((anchor, reuse.consumer, piece.kind)).to(device)[:n]
+        group = torch.full((n,), -1, dtype=torch.long, device=device)
+        if piece.kind == "content" and piece.anchors:
+            twk[:, : len(piece.anchors)] = piece.weights_k[:, :n].T.to(device)
+            twv[:, : len(piece.anchors)] = piece.weights_v[:, :n].T.to(device)
+        elif piece.anchors:
+            group[:] = len(channel_wk)
+            channel_wk.append(_pad_anchors(piece.weights_k, num_anchors).to(device))
+            channel_wv.append(_pad_anchors(piece.weights_v, num_anchors).to(device))
+        cols["dev"].append(dev)
+        cols["twk"].append(twk)
+        cols["twv"].append(twv)
+        cols["group"].append(group)
+    empty = torch.zeros(0, num_anchors, num_layers, num_heads, head_dim, device=device)
+    return MaterializePlan(
+        dst_slots, torch.cat(cols["src"]), torch.cat(cols["pos"]), torch.cat(cols["dev"]),
+        torch.cat(cols["twk"]).float(), torch.cat(cols["twv"]).float(), torch.cat(cols["group"]),
+        torch.stack(channel_wk).float() if channel_wk else empty,
+        torch.stack(channel_wv).float() if channel_wv else empty.clone(),
+        first_corrected_layer, is_neox)
+
+
+def _pad_anchors(weights: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    pad = num_anchors - weights.shape[0]
+    return torch.cat([weights, weights.new_zeros((pad,) + tuple(weights.shape[1:]))]) if pad else weights
+
+
 def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
     """Raise ValueError naming the first mismatch; never let a backend write out of bounds."""
     k0 = pool.k_buffer[0]

@@ -1,0 +1,188 @@
+"""Anchor pools (spec §1.6, §3, §5.3): per placeholder, insertion-ordered, LFU within the W oldest.
+
+An anchor is one earlier observation of a placeholder's content (its base KV, the "embedding")
+plus, per consumer agent that dense-prefilled a prompt containing it, the deviation
+real - base of the content and of the consumer's template piece right after it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcomm_sglang.config import KVCommConfig
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Deviation:
+    """One consumer's real - base KV: content (L, l, H, D) and following template piece (L, P, H, D)."""
+
+    content_k: torch.Tensor
+    content_v: torch.Tensor
+    template_k: torch.Tensor
+    template_v: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.content_k.shape != self.content_v.shape:
+            raise ValueError(f"content deviation K {tuple(self.content_k.shape)} and V "
+                             f"{tuple(self.content_v.shape)} differ")
+        if self.template_k.shape != self.template_v.shape:
+            raise ValueError(f"template deviation K {tuple(self.template_k.shape)} and V "
+                             f"{tuple(self.template_v.shape)} differ")
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.content_k, self.content_v, self.template_k, self.template_v)
+
+
+@dataclass
+class Anchor:
+    key: str                    # the content's segment key (the "message")
+    emb_k: torch.Tensor         # (L, l, H, D) base keys of the content
+    emb_v: torch.Tensor         # (L, l, H, D) base values
+    deviations: dict[str, Deviation] = field(default_factory=dict)
+    activations: int = 0
+
+    @property
+    def length(self) -> int:
+        return int(self.emb_v.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.emb_k, self.emb_v) + sum(d.nbytes for d in self.deviations.values())
+
+
+class AnchorPool:
+    """The anchors of one placeholder."""
+
+    def __init__(self, placeholder: str, config: KVCommConfig):
+        self.placeholder = placeholder
+        self.config = config
+        self.anchors: OrderedDict[str, Anchor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.anchors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.anchors.values())
+
+    def add(self, key: str, emb_k: torch.Tensor, emb_v: torch.Tensor, consumer: str,
+            deviation: Deviation) -> list[str]:
+        """Record ``consumer``'s deviation for content ``key`` (spec §3); returns evicted keys."""
+        if emb_k.shape != emb_v.shape or emb_k.dim() != 4:
+            raise ValueError(f"anchor embeddings must be (L, l, H, D) K and V of one shape, got "
+                             f"{tuple(emb_k.shape)} and {tuple(emb_v.shape)}")
+        if deviation.content_k.shape != emb_k.shape:
+            raise ValueError(f"content deviation {tuple(deviation.content_k.shape)} does not match "
+                             f"the embedding {tuple(emb_k.shape)}")
+        evicted = []
+        is_new = key not in self.anchors
+        if is_new or self.config.evict_on_delta_update:
+            limit = self.config.max_anchors - (1 if self.config.strict_pool_size and is_new else 0)
+            if len(self.anchors) > limit:
+                evicted.append(self.evict_one())
+        if key not in self.anchors:
+            self.anchors[key] = Anchor(key, emb_k, emb_v)
+        anchor = self.anchors[key]
+        if not self.config.derotated_storage:      # official: the last updater's embedding wins
+            anchor.emb_k, anchor.emb_v = emb_k, emb_v
+        anchor.deviations[consumer] = deviation
+        return evicted
+
+    def evict_one(self) -> str:
+        """LFU among the W oldest anchors, first on ties (spec §5.3)."""
+        if not self.anchors:
+            raise ValueError(f"anchor pool {self.placeholder!r} is empty: nothing to evict")
+        window = list(self.anchors.values())[: self.config.window]
+        victim = min(window, key=lambda a: a.activations)
+        del self.anchors[victim.key]
+        return victim.key
+
+    def compatible(self, length: int, consumer: str | None = None) -> list[Anchor]:
+        """Anchors at least ``length`` long that hold ``consumer``'s deviation (spec §4.1)."""
+        return [a for a in self.anchors.values() if a.length >= length
+                and (consumer is None or consumer in a.deviations)]
+
+    def credit(self, keys) -> None:
+        for key in keys:
+            self.anchors[key].activations += 1
+
+
+class AnchorRegistry:
+    """All placeholder pools of one namespace, under one byte budget."""
+
+    def __init__(self, config: KVCommConfig):
+        self.config = config
+        self.pools: dict[str, AnchorPool] = {}
+
+    def pool(self, placeholder: str) -> AnchorPool:
+        if placeholder not in self.pools:
+            self.pools[placeholder] = AnchorPool(placeholder, self.config)
+        return self.pools[placeholder]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pools.values())
+
+    @property
+    def num_anchors(self) -> int:
+        return sum(len(p) for p in self.pools.values())
+
+    def enforce_budget(self) -> list[tuple[str, str]]:
+        """Evict (LFU-in-window, from the largest pool) until under the byte budget."""
+        evicted = []
+        while self.nbytes > self.config.anchor_budget_bytes and self.num_anchors:
+            pool = max(self.pools.values(), key=len)
+            evicted.append((pool.placeholder, pool.evict_one()))
+        return evicted
+
+    def transaction(self) -> "Transaction":
+        return Transaction(self)
+
+
+class Transaction:
+    """Request-scoped view (spec §6.4). 'bucket' isolation is the official overlay: the first
+    touch of a placeholder copies its pool, and commit replaces the global pool (last committer
+    wins). 'merge' records the operations and replays them on the global pools at commit."""
+
+    def __init__(self, registry: AnchorRegistry):
+        self.registry = registry
+        self.local: dict[str, AnchorPool] = {}
+        self.ops: list[tuple] = []
+
+    def pool(self, placeholder: str) -> AnchorPool:
+        if self.registry.config.request_isolation == "merge":
+            return self.registry.pool(placeholder)
+        if placeholder not in self.local:
+            shared = self.registry.pool(placeholder)
+            view = AnchorPool(placeholder, shared.config)
+            view.anchors = OrderedDict((k, copy.copy(a)) for k, a in shared.anchors.items())
+            for a in view.anchors.values():
+                a.deviations = dict(a.deviations)
+            self.local[placeholder] = view
+        return self.local[placeholder]
+
+    def add(self, placeholder: str, *args) -> None:
+        if self.registry.config.request_isolation == "merge":
+            self.ops.append((placeholder, args))
+        else:
+            self.pool(placeholder).add(*args)
+
+    def commit(self) -> None:
+        for placeholder, args in self.ops:
+            self.registry.pool(placeholder).add(*args)
+        for placeholder, view in self.local.items():
+            self.registry.pools[placeholder] = view
+        self.ops, self.local = [], {}
+        self.registry.enforce_budget()

@@ -1,0 +1,291 @@
+"""ReusePlan for one consumer call, or a Fallback with its reason (spec §5.2, §2.5, §4, §3).
+
+``KVCommState`` holds, for one namespace, the agents' template KV, the shared contents' base KV
+and the anchor pools. Stored KV keeps the positions of its frame: all zeros when de-rotated
+(DESIGN §4), the positions where it was computed in the official (absolute) mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcomm_sglang.anchors import AnchorRegistry, Deviation
+from kvcomm_sglang.config import KVCommConfig
+from kvcomm_sglang.estimator import (GateResult, entropy_gate, placeholder_distances,
+                                     prefix_distances, softmax_weights)
+from kvcomm_sglang.rope import RopeSpec, rotate
+from kvcomm_sglang.segments import PromptLayout, segment_key
+
+
+@dataclass
+class StoredKV:
+    """k, v (L, N, H, D); positions (N,): where each token's key is rotated to."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.k.shape != self.v.shape or self.k.dim() != 4:
+            raise ValueError(f"stored K {tuple(self.k.shape)} and V {tuple(self.v.shape)} must be "
+                             "one (L, N, H, D) shape")
+        if self.positions.shape != (self.k.shape[1],):
+            raise ValueError(f"positions {tuple(self.positions.shape)} do not match "
+                             f"{self.k.shape[1]} tokens")
+
+    @property
+    def length(self) -> int:
+        return int(self.k.shape[1])
+
+    def keys_at(self, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
+        return rotate(self.k, positions - self.positions, rope)
+
+
+@dataclass
+class AgentTemplate:
+    agent: str
+    piece_ids: list[tuple[int, ...]]     # x0..xn token ids
+    placeholders: list[str]              # phi1..phin
+    pieces: list[StoredKV]               # template-pass KV of x0..xn
+
+
+@dataclass
+class Content:
+    key: str
+    placeholder: str
+    token_ids: tuple[int, ...]
+    kv: StoredKV
+    gate: GateResult
+
+
+@dataclass
+class PiecePlan:
+    kind: str                 # "content" | "template"
+    placeholder: str          # content: the one it fills; template: the one before it
+    source: StoredKV
+    start: int                # first destination position
+    anchors: list = field(default_factory=list)   # Anchor objects (same order as weights)
+    weights_k: torch.Tensor | None = None         # content (A, T); template (A, L, H, D)
+    weights_v: torch.Tensor | None = None
+
+
+@dataclass
+class ReusePlan:
+    consumer: str
+    layout: PromptLayout
+    pieces: list[PiecePlan]               # every piece after x0, in prompt order
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.layout.total_length - self.layout.prefix_length
+
+
+@dataclass
+class Fallback:
+    reason: str
+    learn: list[str] = field(default_factory=list)   # placeholders whose anchors the dense run feeds
+
+
+class KVCommState:
+    def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = ""):
+        self.config, self.rope, self.namespace = config, rope, namespace
+        self.templates: dict[str, AgentTemplate] = {}
+        self.contents: dict[str, Content] = {}
+        self.anchors = AnchorRegistry(config)
+
+    # ---- storage ----
+    def store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> StoredKV:
+        """KV computed at ``positions`` -> stored form (de-rotated, or as is when faithful)."""
+        if self.config.derotated_storage:
+            return StoredKV(rotate(k, -positions, self.rope), v, torch.zeros_like(positions))
+        return StoredKV(k, v, positions)
+
+    def register_template(self, agent: str, piece_ids, placeholders, k: torch.Tensor,
+                          v: torch.Tensor, piece_spans) -> AgentTemplate:
+        """Template pass KV (L, N, H, D) over x0 s1 x1 ... (stand-ins); piece_spans: x_i spans."""
+        if len(piece_ids) != len(placeholders) + 1 or len(piece_spans) != len(piece_ids):
+            raise ValueError("a template needs n+1 text pieces and spans for n placeholders")
+        pieces = []
+        for ids, (s, e) in zip(piece_ids, piece_spans):
+            if e - s != len(ids) or s < 0 or e > k.shape[1]:
+                raise ValueError(f"template piece span ({s}, {e}) does not fit {len(ids)} ids "
+                                 f"in {k.shape[1]} template tokens")
+            pieces.append(self.store(k[:, s:e], v[:, s:e], torch.arange(s, e)))
+        template = AgentTemplate(agent, [tuple(p) for p in piece_ids], list(placeholders), pieces)
+        self.templates[agent] = template
+        return template
+
+    def register_content(self, placeholder: str, token_ids, k: torch.Tensor, v: torch.Tensor,
+                         positions: torch.Tensor) -> Content:
+        """A new shared segment: store its base KV and predict whether anchors can vouch for it."""
+        if len(token_ids) != k.shape[1]:
+            raise ValueError(f"{len(token_ids)} content ids but {k.shape[1]} KV tokens")
+        key = segment_key(token_ids, self.namespace + "|" + placeholder)
+        pool = self.anchors.pool(placeholder)
+        cfg = self.config
+        gate = entropy_gate(v, [a.emb_v for a in pool.anchors.values()], cfg.gamma, cfg.top_p,
+                            cfg.top_p_credit, cfg.min_anchors, cfg.temperature, cfg.distance_dtype)
+        if key in pool:                      # the same message again: its own anchor vouches
+            gate = GateResult(False, "known_anchor", 0.0)
+        keys = list(pool.anchors)
+        pool.credit(keys[i] for i in gate.credited)
+        content = Content(key, placeholder, tuple(token_ids), self.store(k, v, positions), gate)
+        self.contents[key] = content
+        return content
+
+    def register_response(self, placeholder: str, generated_ids, k: torch.Tensor,
+                          v: torch.Tensor, prompt_length: int) -> Content:
+        """A produced message (spec §2.4): G generated ids, KV (L, G-1, H, D) of the fed-back ones
+        at positions P..P+G-2. Its content is ids[:-1]; official storage re-bases keys by -P."""
+        n = k.shape[1]
+        if n != len(generated_ids) - 1:
+            raise ValueError(f"{len(generated_ids)} generated ids need KV for {len(generated_ids) - 1}"
+                             f" tokens, got {n}")
+        positions = torch.arange(prompt_length, prompt_length + n)
+        if not self.config.derotated_storage:
+            k, positions = rotate(k, torch.full((n,), -prompt_length), self.rope), torch.arange(n)
+        return self.register_content(placeholder, list(generated_ids)[:-1], k, v, positions)
+
+    def layout(self, agent: str, content_keys: dict[str, str]) -> PromptLayout:
+        template = self._template(agent)
+        ids = {ph: self._content(key).token_ids for ph, key in content_keys.items()}
+        return PromptLayout.assemble(template.piece_ids, template.placeholders, ids)
+
+    # ---- planning ----
+    def plan(self, agent: str, content_keys: dict[str, str]) -> ReusePlan | Fallback:
+        template, layout = self._template(agent), self.layout(agent, content_keys)
+        learn, reason = [], None
+        for ph in template.placeholders:
+            content = self._content(content_keys[ph])
+            anchor = self.anchors.pool(ph).anchors.get(content.key)
+            if content.gate.is_new_anchor and (anchor is None or agent not in anchor.deviations):
+                learn.append(ph)
+                reason = reason or f"new_anchor:{content.gate.reason}"
+            elif not self.anchors.pool(ph).compatible(len(content.token_ids), agent):
+                learn.append(ph)
+                reason = reason or "no_anchor_for_consumer"
+        if reason:
+            return Fallback(reason, learn)
+        pieces = []
+        for piece in layout.pieces[1:]:
+            if piece.kind == "content":
+                pieces.append(self._plan_content(agent, piece, content_keys[piece.placeholder]))
+            else:
+                content = self._content(content_keys[piece.placeholder])
+                pieces.append(self._plan_template(agent, piece, template, content, pieces[-1]))
+        return ReusePlan(agent, layout, pieces)
+
+    def _plan_content(self, agent, piece, key) -> PiecePlan:
+        content = self._content(key)
+        anchors = self.anchors.pool(piece.placeholder).compatible(piece.length, agent)
+        base_k, base_v = self._matching_view(content.kv, piece.start)
+        embs_k = torch.stack([a.emb_k[:, : piece.length] for a in anchors])
+        embs_v = torch.stack([a.emb_v[:, : piece.length] for a in anchors])
+        cfg = self.config
+        wk = softmax_weights(placeholder_distances(base_k, embs_k, cfg.distance_dtype), cfg.temperature)
+        wv = softmax_weights(placeholder_distances(base_v, embs_v, cfg.distance_dtype), cfg.temperature)
+        return PiecePlan("content", piece.placeholder, content.kv, piece.start, anchors, wk, wv)
+
+    def _plan_template(self, agent, piece, template, content, content_plan) -> PiecePlan:
+        t = content.kv.length
+        base_k, base_v = self._matching_view(content.kv, content_plan.start)
+        tails_k = torch.stack([a.emb_k[:, a.length - t:] for a in content_plan.anchors])
+        tails_v = torch.stack([a.emb_v[:, a.length - t:] for a in content_plan.anchors])
+        cfg = self.config
+        wk = softmax_weights(prefix_distances(base_k, tails_k, cfg.distance_dtype), cfg.temperature)
+        wv = softmax_weights(prefix_distances(base_v, tails_v, cfg.distance_dtype), cfg.temperature)
+        return PiecePlan("template", piece.placeholder, template.pieces[piece.index], piece.start,
+                         content_plan.anchors, wk, wv)
+
+    def _matching_view(self, kv: StoredKV, start: int):
+        """Keys compared with anchor embeddings: de-rotated, or rotated into this prompt (official)."""
+        if self.config.derotated_storage:
+            return kv.k, kv.v
+        return kv.keys_at(torch.arange(start, start + kv.length), self.rope), kv.v
+
+    # ---- assembly (torch) and learning ----
+    def assemble(self, agent: str, content_keys: dict[str, str],
+                 plan: ReusePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV (L, N, H, D) of the whole prompt: x0 as stored, then every piece re-rotated and,
+        with a plan, corrected (layers >= first_corrected_layer)."""
+        template = self._template(agent)
+        layout = plan.layout if plan else self.layout(agent, content_keys)
+        x0 = template.pieces[0]
+        ks, vs = [x0.keys_at(torch.arange(x0.length), self.rope)], [x0.v]
+        for i, piece in enumerate(layout.pieces[1:]):
+            source = (self._content(content_keys[piece.placeholder]).kv if piece.kind == "content"
+                      else template.pieces[piece.index])
+            k, v = self._place(source, piece.start, plan.pieces[i] if plan else None, agent)
+            ks.append(k)
+            vs.append(v)
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+    def _place(self, source: StoredKV, start: int, piece: PiecePlan | None, agent: str):
+        n = source.length
+        dst = torch.arange(start, start + n)
+        if piece is None or not piece.anchors:
+            return source.keys_at(dst, self.rope), source.v
+        dk, dv = self._offset(piece, agent, n)
+        l0 = self.config.first_corrected_layer
+        dk[:l0], dv[:l0] = 0, 0
+        if self.config.derotated_storage:
+            k = rotate(source.k.to(torch.float32) + dk, dst, self.rope)
+        else:
+            k = source.keys_at(dst, self.rope).to(torch.float32) + dk
+        return k.to(source.k.dtype), (source.v.to(torch.float32) + dv).to(source.v.dtype)
+
+    def _offset(self, piece: PiecePlan, agent: str, n: int):
+        devs = [a.deviations[agent] for a in piece.anchors]
+        if piece.kind == "content":
+            dk = torch.stack([d.content_k[:, :n] for d in devs])
+            dv = torch.stack([d.content_v[:, :n] for d in devs])
+            wk, wv = piece.weights_k[:, None, :, None, None], piece.weights_v[:, None, :, None, None]
+        else:
+            dk = torch.stack([d.template_k for d in devs])
+            dv = torch.stack([d.template_v for d in devs])
+            wk, wv = piece.weights_k[:, :, None], piece.weights_v[:, :, None]
+        return (wk * dk.to(torch.float32)).sum(0), (wv * dv.to(torch.float32)).sum(0)
+
+    def record(self, agent: str, content_keys: dict[str, str], learn: list[str],
+               real_k: torch.Tensor, real_v: torch.Tensor) -> list[tuple[str, str]]:
+        """After a dense prefill: add ``agent``'s deviations for the ``learn`` placeholders (spec §3).
+        real_k, real_v (L, N, H, D) cover the whole prompt. Returns evicted (placeholder, key)."""
+        template, layout = self._template(agent), self.layout(agent, content_keys)
+        if real_k.shape[1] != layout.total_length:
+            raise ValueError(f"real KV has {real_k.shape[1]} tokens, the prompt "
+                             f"{layout.total_length}")
+        evicted = []
+        for piece in layout.content_pieces():
+            if piece.placeholder not in learn:
+                continue
+            content = self._content(content_keys[piece.placeholder])
+            after = layout.template_piece(piece.index)
+            dev_ck, dev_cv, emb_k = self._deviation(content.kv, piece.start, real_k, real_v)
+            dev_tk, dev_tv, _ = self._deviation(template.pieces[after.index], after.start, real_k,
+                                                real_v)
+            pool = self.anchors.pool(piece.placeholder)
+            evicted += [(piece.placeholder, k) for k in pool.add(
+                content.key, emb_k, content.kv.v, agent, Deviation(dev_ck, dev_cv, dev_tk, dev_tv))]
+        evicted += self.anchors.enforce_budget()
+        return evicted
+
+    def _deviation(self, source: StoredKV, start: int, real_k, real_v):
+        n = source.length
+        dst = torch.arange(start, start + n)
+        rk, rv = real_k[:, start:start + n], real_v[:, start:start + n]
+        if self.config.derotated_storage:
+            return rotate(rk, -dst, self.rope) - source.k, rv - source.v, source.k
+        base_k = source.keys_at(dst, self.rope)
+        return rk - base_k, rv - source.v, base_k
+
+    def _template(self, agent: str) -> AgentTemplate:
+        if agent not in self.templates:
+            raise ValueError(f"agent {agent!r} has no registered template")
+        return self.templates[agent]
+
+    def _content(self, key: str) -> Content:
+        if key not in self.contents:
+            raise ValueError(f"unknown content segment {key!r}")
+        return self.contents[key]

@@ -1,0 +1,113 @@
+"""Spec T8 (eviction), T12 (request overlay semantics), byte budget, config validation."""
+
+import pytest
+import torch
+
+from kvcomm_sglang.anchors import AnchorRegistry, Deviation
+from kvcomm_sglang.config import KVCommConfig
+
+L, H, D = 2, 1, 4
+
+
+def dev(n=3, p=2):
+    return Deviation(torch.randn(L, n, H, D), torch.randn(L, n, H, D),
+                     torch.randn(L, p, H, D), torch.randn(L, p, H, D))
+
+
+def add(pool, key, consumer="a"):
+    e = torch.randn(L, 3, H, D)
+    return pool.add(key, e, e.clone(), consumer, dev())
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_t8_lfu_within_window(faithful):
+    cfg = KVCommConfig.faithful(max_anchors=3, window=2) if faithful else \
+        KVCommConfig(max_anchors=3, window=2)
+    pool = AnchorRegistry(cfg).pool("user_question")
+    for key in "abc":
+        assert add(pool, key) == []
+    pool.credit(["a"])                           # counts a=1, b=0, c=0
+    if faithful:                                 # official: evicts only when size > V -> V + 1
+        assert add(pool, "d") == [] and len(pool) == 4
+        assert add(pool, "e") == ["b"]           # window (a, b): min count is b
+    else:
+        assert add(pool, "d") == ["b"] and len(pool) == 3
+        pool.credit(["c"])
+        assert add(pool, "e") == ["a"]           # window (a, c) both count 1: first on ties
+    assert len(pool) == cfg.pool_capacity
+
+
+def test_t8_eviction_check_on_delta_update_is_official_only():
+    official = AnchorRegistry(KVCommConfig.faithful(max_anchors=1, window=1)).pool("p")
+    add(official, "x")
+    add(official, "y")                              # official pool holds V + 1 = 2
+    e = torch.randn(L, 3, H, D)
+    assert official.add("y", e, e.clone(), "b", dev()) == ["x"]   # a delta-only update evicts
+    ours = AnchorRegistry(KVCommConfig(max_anchors=1, window=1)).pool("p")
+    add(ours, "x")
+    assert ours.add("x", e, e.clone(), "b", dev()) == []
+    assert set(ours.anchors["x"].deviations) == {"a", "b"}
+
+
+def test_compatible_filters_length_and_consumer():
+    pool = AnchorRegistry(KVCommConfig()).pool("p")
+    e = torch.randn(L, 5, H, D)
+    pool.add("long", e, e, "a", dev(5))
+    e2 = torch.randn(L, 2, H, D)
+    pool.add("short", e2, e2, "a", dev(2))
+    assert [a.key for a in pool.compatible(3, "a")] == ["long"]
+    assert pool.compatible(3, "b") == []
+
+
+def test_t12_request_overlay_semantics():
+    for isolation, expected in (("bucket", {"r2"}), ("merge", {"r1", "r2"})):
+        registry = AnchorRegistry(KVCommConfig(request_isolation=isolation))
+        t1, t2 = registry.transaction(), registry.transaction()
+        for t, key in ((t1, "r1"), (t2, "r2")):
+            e = torch.randn(L, 3, H, D)
+            t.pool("user_question")                  # first touch (overlay copy in bucket mode)
+            t.add("user_question", key, e, e.clone(), "a", dev())
+        t1.commit()
+        t2.commit()
+        assert set(registry.pool("user_question").anchors) == expected
+
+
+def test_byte_budget_evicts():
+    one = torch.randn(L, 3, H, D)
+    size = 2 * one.numel() * 4 + dev().nbytes
+    registry = AnchorRegistry(KVCommConfig(anchor_budget_bytes=2 * size + 1))
+    pool = registry.pool("p")
+    for key in "abcd":
+        add(pool, key)
+        registry.enforce_budget()
+    assert registry.nbytes <= 2 * size + 1 and len(pool) == 2
+
+
+def test_bad_inputs():
+    pool = AnchorRegistry(KVCommConfig()).pool("p")
+    with pytest.raises(ValueError, match="embeddings"):
+        pool.add("k", torch.randn(L, 3, H, D), torch.randn(L, 4, H, D), "a", dev())
+    with pytest.raises(ValueError, match="does not match"):
+        e = torch.randn(L, 5, H, D)
+        pool.add("k", e, e, "a", dev(3))
+    with pytest.raises(ValueError, match="differ"):
+        Deviation(torch.randn(1, 2, 1, 4), torch.randn(1, 3, 1, 4), torch.randn(1, 1, 1, 4),
+                  torch.randn(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="empty"):
+        pool.evict_one()
+
+
+@pytest.mark.parametrize("field,value", [("gamma", -0.1), ("max_anchors", 0), ("window", 0),
+                                         ("temperature", 0.0), ("top_p", 1.5),
+                                         ("distance_dtype", "bf16"), ("top_p_credit", "x"),
+                                         ("anchor_budget_bytes", 0), ("recompute_last", 0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        KVCommConfig(**{field: value})
+
+
+def test_config_faithful_values():
+    f = KVCommConfig.faithful()
+    assert (f.gamma, f.max_anchors, f.window, f.temperature, f.top_p) == (0.3, 20, 5, 1.0, 0.9)
+    assert f.pool_capacity == 21 and KVCommConfig().pool_capacity == 20
+    assert not f.derotated_storage and f.first_corrected_layer == 1
