@@ -1,0 +1,191 @@
+"""Triton materialize: one launch writes corrected, re-rotated KV for every layer and token.
+
+For layer l, token n, head h, channel d (paper §4.3 offset application, §2.5 RoPE re-rotation;
+the plan format is in ``kernels/plan.py``, the ground truth in ``kernels/reference.py``):
+
+    Kt = K[l, src[n]] + [l >= l0] * sum_a wk(n, a, l, h, d) * K[l, dev[n, a]]
+    K[l, dst[n]] = R(pos[n]) Kt
+    V[l, dst[n]] = V[l, src[n]] + [l >= l0] * sum_a wv(n, a, l, h, d) * V[l, dev[n, a]]
+
+wk = token_wk[n, a] when group[n] < 0, else channel_wk[group[n], a, l, h, d] (same for V);
+dev[n, a] = -1 adds nothing. R rotates channel pairs (j, j + R/2) (neox) or (2j, 2j + 1) (GPT-J)
+of the first R channels by pos[n] * theta_j, with cos/sin from SGLang's (P, R) fp32 table (cos
+half, then sin half); channels R..D pass through. Computes in fp32, stores in the pool dtype.
+
+Grid: (token blocks, layers, head blocks). Layers are reached through int64 tables of the
+buffers' data pointers (as SGLang's ``copy_all_layer_kv_cache_tiled`` does), so one launch
+covers all layers; anchors are a loop inside the program. A program holds a
+(BLOCK_N tokens, BLOCK_H heads, channels) tile: V over the whole head dim, K as the two halves of
+each rotary pair plus the pass-through tail.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcomm_sglang.kernels.plan import MaterializePlan, check_plan
+
+POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TILE_ELEMENTS = 4096          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
+_MAX_BLOCK_N = 64
+_pointer_tables: dict = {}
+
+
+@triton.jit
+def _corrected(buf, slot_stride, src, dev_ptr, tok_w_ptr, chan_w_ptr, group, offs_n, n_mask,
+               chan, chan_mask, layer, correct, num_anchors, num_layers, row_size):
+    """base + sum_a w * deviation on a (BLOCK_N, BLOCK_H, C) tile; chan = h * D + d."""
+    mask = n_mask[:, None, None] & chan_mask
+    x = tl.load(buf + src[:, None, None] * slot_stride + chan, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if correct:
+        is_templ = (group >= 0)[:, None, None]
+        chan_row = tl.maximum(group, 0) * num_anchors
+        for a in range(num_anchors):
+            dev = tl.load(dev_ptr + offs_n * num_anchors + a, mask=n_mask, other=-1)
+            dev = dev.to(tl.int64)
+            tok_w = tl.load(tok_w_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
+            chan_base = ((chan_row + a) * num_layers + layer) * row_size
+            chan_w = tl.load(chan_w_ptr + chan_base[:, None, None] + chan,
+                             mask=mask & is_templ, other=0.0)
+            w = tl.where(is_templ, chan_w, tok_w[:, None, None])
+            d = tl.load(buf + dev[:, None, None] * slot_stride + chan,
+                        mask=mask & (dev >= 0)[:, None, None], other=0.0)
+            x += w * d.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, dev_ptr,
+                        tok_wk_ptr, tok_wv_ptr, group_ptr, chan_wk_ptr, chan_wv_ptr, cos_sin,
+                        k_stride, v_stride, cs_stride, num_tokens, num_anchors, num_layers,
+                        first_corrected, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        ROTARY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_H: tl.constexpr, DIM_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+                        TAIL_PAD: tl.constexpr):
+    layer = tl.program_id(1)
+    elem = pool_like.dtype.element_ty
+    k_buf = tl.load(k_ptrs + layer).to(tl.pointer_type(elem))
+    v_buf = tl.load(v_ptrs + layer).to(tl.pointer_type(elem))
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < num_tokens
+    src = tl.load(src_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    dst = tl.load(dst_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    group = tl.load(group_ptr + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    correct = layer >= first_corrected
+    row_size = HEADS * HEAD_DIM
+    heads = (tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    h_mask = heads < HEADS
+    n3 = n_mask[:, None, None]
+
+    d = tl.arange(0, DIM_PAD)[None, None, :]
+    chan, c_mask = heads * HEAD_DIM + d, h_mask & (d < HEAD_DIM)
+    v = _corrected(v_buf, v_stride, src, dev_ptr, tok_wv_ptr, chan_wv_ptr, group, offs_n, n_mask,
+                   chan, c_mask, layer, correct, num_anchors, num_layers, row_size)
+    tl.store(v_buf + dst[:, None, None] * v_stride + chan, v.to(elem), mask=n3 & c_mask)
+
+    j = tl.arange(0, HALF_PAD)[None, None, :]
+    if IS_NEOX:
+        i1, i2 = j, j + ROTARY_DIM // 2
+    else:
+        i1, i2 = 2 * j, 2 * j + 1
+    p_mask = h_mask & (j < ROTARY_DIM // 2)
+    chan1, chan2 = heads * HEAD_DIM + i1, heads * HEAD_DIM + i2
+    x1 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
+                    chan1, p_mask, layer, correct, num_anchors, num_layers, row_size)
+    x2 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
+                    chan2, p_mask, layer, correct, num_anchors, num_layers, row_size)
+    cs = cos_sin + pos[:, None, None] * cs_stride + j
+    cs_mask = n3 & (j < ROTARY_DIM // 2)
+    cos = tl.load(cs, mask=cs_mask, other=0.0)
+    sin = tl.load(cs + ROTARY_DIM // 2, mask=cs_mask, other=0.0)
+    k_dst = k_buf + dst[:, None, None] * k_stride
+    tl.store(k_dst + chan1, (x1 * cos - x2 * sin).to(elem), mask=n3 & p_mask)
+    tl.store(k_dst + chan2, (x2 * cos + x1 * sin).to(elem), mask=n3 & p_mask)
+
+    if ROTARY_DIM < HEAD_DIM:
+        t = ROTARY_DIM + tl.arange(0, TAIL_PAD)[None, None, :]
+        chan_t, t_mask = heads * HEAD_DIM + t, h_mask & (t < HEAD_DIM)
+        xt = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n,
+                        n_mask, chan_t, t_mask, layer, correct, num_anchors, num_layers, row_size)
+        tl.store(k_dst + chan_t, xt.to(elem), mask=n3 & t_mask)
+
+
+def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
+                       block_n: int | None = None, num_warps: int = 4) -> None:
+    """Run ``plan`` on ``pool`` (``k_buffer``/``v_buffer``: L x (slots, H, D)) in one launch.
+
+    Raises ValueError for any plan/pool/table mismatch before anything is written.
+    """
+    check_plan(plan, pool, cos_sin)
+    _check_pool(pool)
+    if plan.num_tokens == 0:
+        return
+    num_slots, heads, head_dim = pool.k_buffer[0].shape
+    num_layers, rotary_dim = len(pool.k_buffer), cos_sin.shape[1]
+    block_h, block_n_auto = _block_sizes(heads, head_dim)
+    block_n = block_n or block_n_auto
+    if block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    dev = pool.k_buffer[0].device
+    cos_sin = cos_sin.contiguous()
+    dev_slots, tok_wk, tok_wv, chan_wk, chan_wv = (
+        _nonempty(t.contiguous()) for t in (plan.dev_slots, plan.token_wk, plan.token_wv,
+                                            plan.channel_wk, plan.channel_wv))
+    grid = (triton.cdiv(plan.num_tokens, block_n), num_layers, triton.cdiv(heads, block_h))
+    _materialize_kernel[grid](
+        _pointer_table(pool.k_buffer, dev), _pointer_table(pool.v_buffer, dev), pool.k_buffer[0],
+        plan.dst_slots.contiguous(), plan.src_slots.contiguous(), plan.positions.contiguous(),
+        dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin,
+        pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0), cos_sin.stride(0),
+        plan.num_tokens, plan.num_anchors, num_layers, plan.first_corrected_layer,
+        HEADS=heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, IS_NEOX=bool(plan.is_neox),
+        BLOCK_N=block_n, BLOCK_H=block_h, DIM_PAD=triton.next_power_of_2(head_dim),
+        HALF_PAD=triton.next_power_of_2(rotary_dim // 2),
+        TAIL_PAD=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), num_warps=num_warps)
+
+
+def _block_sizes(heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_N): all heads of a token in one program when they fit the V tile."""
+    dim_pad = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(heads), max(1, _TILE_ELEMENTS // dim_pad))
+    block_n = max(1, min(_MAX_BLOCK_N, _TILE_ELEMENTS // (block_h * dim_pad)))
+    return block_h, block_n
+
+
+def _check_pool(pool) -> None:
+    """What the kernel relies on beyond ``check_plan``: dtype, one device, one slot stride."""
+    k0 = pool.k_buffer[0]
+    if k0.dtype not in POOL_DTYPES:
+        raise ValueError(f"triton materialize supports pool dtypes {POOL_DTYPES}, got {k0.dtype}")
+    for name, bufs in (("k_buffer", pool.k_buffer), ("v_buffer", pool.v_buffer)):
+        for layer, b in enumerate(bufs):
+            if b.device != k0.device:
+                raise ValueError(f"pool.{name}[{layer}] is on {b.device}, layer 0 on {k0.device}")
+            if b.stride(0) != bufs[0].stride(0):
+                raise ValueError(f"pool.{name}[{layer}] has slot stride {b.stride(0)}, layer 0 "
+                                 f"has {bufs[0].stride(0)}: one stride per buffer list")
+    interpreted = not isinstance(_materialize_kernel, triton.runtime.JITFunction)
+    if k0.is_cuda == interpreted:
+        raise ValueError("triton materialize needs CUDA tensors (compiled) or CPU tensors with "
+                         "TRITON_INTERPRET=1 set before this module is imported; got "
+                         f"{k0.device} with the interpreter {'on' if interpreted else 'off'}")
+
+
+def _pointer_table(bufs, device) -> torch.Tensor:
+    """int64 data pointers of ``bufs`` on ``device``, cached by the pointer values."""
+    ptrs = tuple(b.data_ptr() for b in bufs)
+    key = (str(device), ptrs)
+    if key not in _pointer_tables:
+        if len(_pointer_tables) >= 16:
+            _pointer_tables.clear()
+        _pointer_tables[key] = torch.tensor(ptrs, dtype=torch.int64, device=device)
+    return _pointer_tables[key]
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """Never hand the kernel a 0-element tensor (null pointer); it never reads these then."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
