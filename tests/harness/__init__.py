@@ -1,0 +1,1 @@
+"""Test harness: the real test model in plain transformers, and the multi-agent workflow."""

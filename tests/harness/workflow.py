@@ -1,0 +1,203 @@
+"""A 3-agent fully connected workflow (spec §1.3), its templates, and the question set.
+
+Agent k's prompt is one ChatML chat (system + user + assistant header) whose text holds the
+placeholders ``{user_question}`` and ``{agent_X_current}`` for every predecessor X < k. A rendered
+template splits into text pieces x_0..x_n around placeholders φ_1..φ_n (spec §1.4); each text piece
+is tokenized on its own, so the prompt ids are the concatenation of piece ids with the content ids
+spliced in, and token boundaries fall exactly at placeholder boundaries. Every placeholder
+follows a newline, so (for these templates and content that starts and ends with a non-space
+character) the assembled ids equal the tokenization of the whole text with the content inlined.
+
+The question's base KV (spec §2.2) is computed after a neutral context, the user header plus the
+same lead-in the templates put before ``{user_question}``; lead-in and question are tokenized
+separately, so dropping the context tokens cuts exactly at the question.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+Encode = Callable[[str], list]
+
+PLACEHOLDER_RE = re.compile(r"\{(user_question|(agent|condition)_\w+?_(current|history))\}")
+BRACED_NAME_RE = re.compile(r"\{(\w+)\}")
+QUESTION_LEAD_IN = "The task is:\n"  # ends in a newline: piece ids == whole-text ids
+USER_HEADER = "<|im_start|>user\n"  # ChatML, as the model's chat template writes it
+
+
+@dataclass(frozen=True)
+class AgentRole:
+    name: str
+    system: str
+
+
+AGENTS: tuple[AgentRole, ...] = (
+    AgentRole("Solver", "You are a careful problem solver. Work out the task and state the "
+                        "final answer in one or two short sentences."),
+    AgentRole("Checker", "You are a strict checker. Read the task and the earlier answer, say "
+                         "whether it is right, and give the correct final answer briefly."),
+    AgentRole("Summarizer", "You are a concise summarizer. Combine the earlier answers into one "
+                            "short final answer to the task."),
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    """texts[i] precedes placeholders[i]; texts[-1] follows the last one (len = n + 1)."""
+
+    texts: tuple[str, ...]
+    placeholders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenizedTemplate:
+    text_ids: tuple[tuple[int, ...], ...]  # ids of x_0..x_n, each tokenized on its own
+    placeholders: tuple[str, ...]          # φ_1..φ_n
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    spans: dict[str, tuple[int, int]]  # placeholder -> [start, end) in ids
+
+
+@dataclass(frozen=True)
+class QuestionBase:
+    """Base-KV recipe of a question: run context_ids + content_ids, keep the last len(content)."""
+
+    context_ids: list[int]
+    content_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context_ids + self.content_ids
+
+    @property
+    def drop(self) -> int:
+        return len(self.context_ids)
+
+
+def user_template(k: int) -> str:
+    """The user message of agent k, with placeholders for the question and agents 0..k-1."""
+    if not 0 <= k < len(AGENTS):
+        raise ValueError(f"agent index {k} out of range 0..{len(AGENTS) - 1}")
+    parts = [f"{QUESTION_LEAD_IN}{{user_question}}\n"]
+    for x in range(k):
+        parts.append(f"\nAgent {x}, role is {AGENTS[x].name}, output is:\n"
+                     f"{{agent_{x}_current}}\n")
+    parts.append("\nGive your final answer briefly.")
+    return "".join(parts)
+
+
+def render_template(render_chat: Callable[[str, str], str], k: int) -> str:
+    """Agent k's whole prompt template as text: ``render_chat(system, user)``, e.g.
+    ``HFModel.render_chat``, must end with the assistant header."""
+    return render_chat(AGENTS[k].system, user_template(k))
+
+
+def split_template(text: str) -> Template:
+    """Split a rendered template into text pieces and placeholder names (spec §1.4).
+
+    Raises ValueError on an unknown ``{name}``, adjacent placeholders, a placeholder used twice,
+    a node id with an underscore, or a template that ends in a placeholder.
+    """
+    for match in BRACED_NAME_RE.finditer(text):
+        if not PLACEHOLDER_RE.fullmatch(match.group(0)):
+            raise ValueError(f"unknown placeholder {match.group(0)!r} at offset {match.start()}")
+    texts, names, cursor = [], [], 0
+    for match in PLACEHOLDER_RE.finditer(text):
+        piece, name = text[cursor:match.start()], match.group(1)
+        if names and not piece:
+            raise ValueError(f"adjacent placeholders {{{names[-1]}}}{{{name}}}")
+        if name in names:
+            raise ValueError(f"placeholder {{{name}}} used twice")
+        if name != "user_question" and "_" in name.split("_", 1)[1].rsplit("_", 1)[0]:
+            raise ValueError(f"node id in {{{name}}} must not contain '_'")
+        texts.append(piece)
+        names.append(name)
+        cursor = match.end()
+    texts.append(text[cursor:])
+    if names and not texts[-1]:
+        raise ValueError(f"template ends with placeholder {{{names[-1]}}}; it must end with text")
+    return Template(tuple(texts), tuple(names))
+
+
+def tokenize_template(template: Template, encode: Encode) -> TokenizedTemplate:
+    """Tokenize each text piece separately (``encode`` adds no special tokens)."""
+    return TokenizedTemplate(tuple(tuple(encode(t)) for t in template.texts),
+                             template.placeholders)
+
+
+def agent_templates(render_chat: Callable[[str, str], str],
+                    encode: Encode) -> list[TokenizedTemplate]:
+    """The tokenized templates of all agents, in execution order."""
+    return [tokenize_template(split_template(render_template(render_chat, k)), encode)
+            for k in range(len(AGENTS))]
+
+
+def assemble(template: TokenizedTemplate, contents: dict[str, list[int]]) -> Prompt:
+    """Prompt ids x_0 | c_1 | x_1 | ... | c_n | x_n, with the spans of the contents."""
+    missing = [name for name in template.placeholders if name not in contents]
+    if missing:
+        raise ValueError(f"no content for placeholders {missing}")
+    ids, spans = list(template.text_ids[0]), {}
+    for name, text_ids in zip(template.placeholders, template.text_ids[1:]):
+        spans[name] = (len(ids), len(ids) + len(contents[name]))
+        ids += list(contents[name]) + list(text_ids)
+    return Prompt(ids, spans)
+
+
+def stand_in_text(name: str) -> str:
+    """The official template-pass stand-in for a placeholder (spec §1.4 [QUIRK])."""
+    return f"{{'{name}'}} "
+
+
+def question_base(question: str, encode: Encode) -> QuestionBase:
+    """Base recipe of a question (spec §2.2): user header + lead-in, then the question."""
+    return QuestionBase(encode(USER_HEADER + QUESTION_LEAD_IN), encode(question))
+
+
+# (question, expected short answer); fixed order, written for this project.
+TASKS: tuple[tuple[str, str], ...] = (
+    ("Tom has 3 apples and buys 5 more. How many apples does he have now?", "8"),
+    ("A train travels 60 miles per hour for 2 hours. How far does it go?", "120"),
+    ("What is the capital of France?", "Paris"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("Sara had 12 candies and gave 4 to her friend. How many candies are left?", "8"),
+    ("What is 7 times 8?", "56"),
+    ("Who wrote the play Romeo and Juliet?", "Shakespeare"),
+    ("If today is Monday, what day will it be in three days?", "Thursday"),
+    ("A box holds 6 eggs. How many eggs are in 4 boxes?", "24"),
+    ("What is the boiling point of water in degrees Celsius at sea level?", "100"),
+    ("What gas do plants take from the air for photosynthesis?", "carbon dioxide"),
+    ("A pencil costs 2 dollars. How much do 7 pencils cost?", "14"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("All cats are animals and Tom is a cat. Is Tom an animal?", "yes"),
+    ("There are 20 students and half of them wear glasses. How many wear glasses?", "10"),
+    ("How many days are there in a week?", "7"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("A rope 15 meters long is cut into 3 equal pieces. How long is each piece?", "5"),
+    ("Which is heavier, a kilogram of iron or a kilogram of feathers?", "same"),
+    ("What is the square root of 81?", "9"),
+    ("Anna is older than Ben, and Ben is older than Carl. Who is the youngest?", "Carl"),
+    ("How many legs does a spider have?", "8"),
+    ("A shop sells 9 shirts on Monday and 11 on Tuesday. How many shirts is that in total?",
+     "20"),
+    ("What is the freezing point of water in degrees Fahrenheit?", "32"),
+    ("On which continent is Egypt?", "Africa"),
+    ("A clock shows 3 o'clock. What time will it show 5 hours later?", "8"),
+    ("What is 100 minus 37?", "63"),
+    ("What is the main language spoken in Brazil?", "Portuguese"),
+    ("A farmer has 4 cows. How many legs do the cows have together?", "16"),
+    ("What is the opposite of the word cold?", "hot"),
+    ("Lisa reads 10 pages a day. How many pages does she read in 6 days?", "60"),
+    ("Which animal is the largest mammal on Earth?", "blue whale"),
+    ("You have 2 quarters and 3 dimes. How many cents is that?", "80"),
+    ("What color do you get by mixing blue and yellow?", "green"),
+    ("A bus has 30 seats and 18 are taken. How many seats are free?", "12"),
+    ("Is 17 a prime number?", "yes"),
+)
+QUESTIONS: tuple[str, ...] = tuple(question for question, _ in TASKS)
+ANSWERS: tuple[str, ...] = tuple(answer for _, answer in TASKS)
