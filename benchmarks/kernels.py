@@ -1,0 +1,322 @@
+"""Kernel benchmark: materialize (torch reference, Triton, FlashInfer) against a plain copy of the
+same bytes on the same card, plus the anchor-matching weights and the whole reuse-path overhead.
+
+GPU (Llama-3.1-8B KV: 32 layers, 8 KV heads, head dim 128, bf16 pool):
+    python benchmarks/kernels.py [--flashinfer-wheel-dir DIR] [--out bench-results/kernels.json]
+CPU check (tiny shapes, Triton interpreter):
+    python benchmarks/kernels.py --smoke
+
+Rows: op (materialize | check_plan | weights | reuse-path | entropy-gate), backend, tokens,
+anchors, ms (median), bytes (what the op must read + write), copy_ms (device-to-device copy
+moving the same bytes), bandwidth_fraction (copy_ms / ms), max_rel_err (max |out - fp64| /
+max |fp64| over K and V of every layer, materialize only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"      # read when the Triton kernels are decorated
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kvcomm_sglang.estimator import (entropy_gate, placeholder_distances,  # noqa: E402
+                                     prefix_distances, softmax_weights)
+from kvcomm_sglang.kernels import MaterializePlan, TensorKVPool, check_plan  # noqa: E402
+from kvcomm_sglang.kernels.reference import _weights, materialize_reference  # noqa: E402
+from kvcomm_sglang.kernels.triton_materialize import materialize_triton  # noqa: E402
+from kvcomm_sglang.rope import RopeSpec  # noqa: E402
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+FULL = dict(layers=32, heads=8, head_dim=128, tokens=(512, 1024, 3584), anchors=(1, 3, 20),
+            content=(1024,) + (511,) * 5, template=16, match_anchors=20, positions=8192)
+COPY_CAP_BYTES = 2 << 30
+SMOKE = dict(layers=2, heads=2, head_dim=32, tokens=(7, 33), anchors=(1, 3),
+             content=(16, 9, 9), template=4, match_anchors=3, positions=256)
+
+
+class Timer:
+    def __init__(self, device, reps, warmup):
+        self.device, self.reps, self.warmup = device, reps, warmup
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        """Median milliseconds of ``fn()`` (CUDA events on GPU, wall clock on CPU)."""
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def copy_ms(self, nbytes: int) -> float:
+        """A device-to-device copy that reads nbytes/2 and writes nbytes/2 (timed on at most
+        2 x 2 GiB and scaled linearly above that, to keep memory for the ops themselves)."""
+        half = max(nbytes // 2, 1)
+        size = min(half, COPY_CAP_BYTES)
+        src = torch.empty(size, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        return self(lambda: dst.copy_(src)) * half / size
+
+
+def make_pool(cfg, num_slots, dtype, device):
+    pool = TensorKVPool(cfg["layers"], num_slots, cfg["heads"], cfg["head_dim"], dtype, device)
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf.copy_(torch.randn(buf.shape, device=device).to(dtype))
+    return pool
+
+
+def make_plan(cfg, n, a, device, rows=None, groups=None, token_w=None, channel_w=None):
+    """dst = slots 1..n, src = the next n, anchor a's deviations a contiguous run after those.
+    Default weights: 2/3 content rows (token weights), 1/3 template rows in 4 groups."""
+    ar = lambda *s: torch.arange(*s, device=device)  # noqa: E731
+    dst, src = ar(1, n + 1), ar(n + 1, 2 * n + 1)
+    dev = ar(2 * n + 1, (2 + a) * n + 1).view(a, n).t().contiguous()
+    if groups is None:
+        num_content = (2 * n) // 3
+        groups = torch.full((n,), -1, device=device)
+        groups[num_content:] = ar(n - num_content) * 4 // max(n - num_content, 1)
+    if token_w is None:
+        token_w = [torch.randn(n, a, device=device).softmax(-1) for _ in range(2)]
+        channel_w = [torch.randn(4, a, cfg["layers"], cfg["heads"], cfg["head_dim"],
+                                 device=device).softmax(1) for _ in range(2)]
+    pos = torch.randint(0, cfg["positions"] - n, (1,)).item() + ar(n)
+    return MaterializePlan(dst, src, pos, dev, token_w[0], token_w[1], groups, channel_w[0],
+                           channel_w[1], first_corrected_layer=1, is_neox=True)
+
+
+def materialize_bytes(cfg, n, a, itemsize):
+    return cfg["layers"] * n * 2 * cfg["heads"] * cfg["head_dim"] * itemsize * (2 + a)
+
+
+def max_rel_err_fp64(plan, pool, cos_sin) -> float:
+    """max |pool[dst] - exact| / max |exact|, exact computed layer by layer in fp64."""
+    half, r = cos_sin.shape[1] // 2, cos_sin.shape[1]
+    table = cos_sin[plan.positions].double()
+    cos, sin = table[:, None, :half], table[:, None, half:]
+    has_dev, dev = plan.dev_slots >= 0, plan.dev_slots.clamp(min=0)
+    worst = 0.0
+    for layer, (kb, vb) in enumerate(zip(pool.k_buffer, pool.v_buffer)):
+        k, v = kb[plan.src_slots].double(), vb[plan.src_slots].double()
+        if plan.num_anchors and layer >= plan.first_corrected_layer:
+            wk, wv = _weights(plan, layer, has_dev)
+            k = k + (wk.double() * kb[dev].double()).sum(1)
+            v = v + (wv.double() * vb[dev].double()).sum(1)
+        x1, x2 = k[..., :half], k[..., half:r]          # neox layout (the plans here)
+        k = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, k[..., r:]], dim=-1)
+        for got, want in ((kb[plan.dst_slots], k), (vb[plan.dst_slots], v)):
+            worst = max(worst, float((got.double() - want).abs().max() / want.abs().max()))
+    return worst
+
+
+def load_flashinfer(wheel_dir):
+    """materialize_flashinfer, or None and the reason it is unavailable."""
+    if wheel_dir:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
+                        wheel_dir, "flashinfer-python"], check=False)
+    try:
+        import flashinfer.rope  # noqa: F401
+        from kvcomm_sglang.kernels.flashinfer_rope import materialize_flashinfer
+        return materialize_flashinfer, "ok"
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
+    for n in cfg["tokens"]:
+        for a in cfg["anchors"]:
+            plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
+            nbytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
+            copy_ms = timer.copy_ms(nbytes)
+            base = dict(op="materialize", tokens=n, anchors=a, bytes=nbytes, copy_ms=copy_ms)
+            for name, fn in backends.items():
+                try:
+                    ms = timer(lambda: fn(plan, pool, cos_sin))
+                    err = max_rel_err_fp64(plan, pool, cos_sin)
+                except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the others
+                    print(f"  {name} failed on N={n} A={a}: {type(exc).__name__}: {exc}")
+                    continue
+                rows.append(dict(base, backend=name, ms=ms, bandwidth_fraction=copy_ms / ms,
+                                 max_rel_err=err))
+            ms = timer(lambda: check_plan(plan, pool, cos_sin))
+            rows.append(dict(base, op="check_plan", backend="torch", ms=ms, bytes=0, copy_ms=None,
+                             bandwidth_fraction=None, max_rel_err=None))
+
+
+def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows):
+    """Triton at other tile sizes, on the largest materialize shape (rows backend triton[bn,w])."""
+    n, a = max(cfg["tokens"]), max(cfg["anchors"])
+    plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
+    nbytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
+    copy_ms = timer.copy_ms(nbytes)
+    for block_n in (1, 2, 4, 8, 16):
+        for warps in (2, 4, 8):
+            ms = timer(lambda: materialize_triton(plan, pool, cos_sin, block_n, warps))
+            rows.append(dict(op="materialize", backend=f"triton[bn={block_n},w={warps}]",
+                             tokens=n, anchors=a, ms=ms, bytes=nbytes, copy_ms=copy_ms,
+                             bandwidth_fraction=copy_ms / ms, max_rel_err=None))
+
+
+def matching_inputs(cfg, a, dtype, device):
+    """Per content piece: base K, V (L, T, H, D) and A anchor embeddings K, V (A, L, T, H, D)."""
+    shape = (cfg["layers"], None, cfg["heads"], cfg["head_dim"])
+    pieces = []
+    for t in cfg["content"]:
+        s = shape[:1] + (t,) + shape[2:]
+        pieces.append(tuple(torch.randn(*lead, *s, device=device).to(dtype)
+                            for lead in ((), (), (a,), (a,))))
+    return pieces
+
+
+def weights_step(pieces):
+    """The reuse path's matching: per content piece, token weights (A, T) from the head-aligned
+    mean |diff| and channel weights (A, L, H, D) for the template piece after it (tail L2)."""
+    return [(softmax_weights(placeholder_distances(bk, ek)).t(),
+             softmax_weights(placeholder_distances(bv, ev)).t(),
+             softmax_weights(prefix_distances(bk, ek)), softmax_weights(prefix_distances(bv, ev)))
+            for bk, bv, ek, ev in pieces]
+
+
+def reuse_plan(cfg, weights, a, device):
+    """Plan of the whole prompt: content piece i (token weights), then template piece i (group i)."""
+    template = cfg["template"]
+    groups, token_wk, token_wv = [], [], []
+    for i, (wk, wv, _, _) in enumerate(weights):
+        fill = torch.zeros(template, a, device=device)
+        token_wk += [wk, fill]
+        token_wv += [wv, fill]
+        groups += [torch.full((wk.shape[0],), -1, device=device),
+                   torch.full((template,), i, device=device)]
+    chan_k = torch.stack([w[2] for w in weights])
+    chan_v = torch.stack([w[3] for w in weights])
+    n = sum(len(g) for g in groups)
+    return make_plan(cfg, n, a, device, None, torch.cat(groups),
+                     (torch.cat(token_wk), torch.cat(token_wv)), (chan_k, chan_v))
+
+
+def bench_reuse_path(cfg, timer, pool, cos_sin, rows):
+    device, dtype, a = pool.k_buffer[0].device, pool.k_buffer[0].dtype, cfg["match_anchors"]
+    pieces = matching_inputs(cfg, a, dtype, device)
+    read = 2 * sum(p.numel() * p.element_size() for piece in pieces for p in piece)
+    n = sum(cfg["content"]) + cfg["template"] * len(cfg["content"])
+    mat_bytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
+
+    def whole_path():
+        materialize_triton(reuse_plan(cfg, weights_step(pieces), a, device), pool, cos_sin)
+
+    for op, fn, nbytes, tokens in (("weights", lambda: weights_step(pieces), read,
+                                    sum(cfg["content"])),
+                                   ("reuse-path", whole_path, read + mat_bytes, n)):
+        copy_ms = timer.copy_ms(nbytes)
+        ms = timer(fn)
+        rows.append(dict(op=op, backend="torch+triton" if op == "reuse-path" else "torch",
+                         tokens=tokens, anchors=a, ms=ms, bytes=nbytes, copy_ms=copy_ms,
+                         bandwidth_fraction=copy_ms / ms, max_rel_err=None))
+    _, bv, _, ev = pieces[-1]
+    gate_bytes = (a + 1) * bv.numel() * bv.element_size()
+    copy_ms = timer.copy_ms(gate_bytes)
+    ms = timer(lambda: entropy_gate(bv, list(ev.unbind(0)), gamma=0.3))
+    rows.append(dict(op="entropy-gate", backend="torch", tokens=bv.shape[1], anchors=a, ms=ms,
+                     bytes=gate_bytes, copy_ms=copy_ms, bandwidth_fraction=copy_ms / ms,
+                     max_rel_err=None))
+
+
+def print_table(rows):
+    cols = (("op", "<13", None), ("backend", "<13", None), ("tokens", ">7", None),
+            ("anchors", ">8", None), ("ms", ">10", ".3f"), ("GB/s", ">9", ".1f"),
+            ("copy_ms", ">9", ".3f"), ("bw_frac", ">8", ".2f"), ("max_rel_err", ">12", ".2e"))
+    print("".join(format(name, align) for name, align, _ in cols))
+    for r in rows:
+        r = dict(r, **{"GB/s": r["bytes"] / r["ms"] / 1e6 if r["bytes"] else None,
+                       "bw_frac": r["bandwidth_fraction"]})
+        print("".join(format("-" if r[name] is None else
+                             (format(r[name], fmt) if fmt else str(r[name])), align)
+                      for name, align, fmt in cols))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench-results/kernels.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--flashinfer-wheel-dir", default=None)
+    parser.add_argument("--skip-torch", action="store_true", help="skip the torch reference rows")
+    parser.add_argument("--sweep-blocks", action="store_true",
+                        help="also time Triton tile sizes (BLOCK_N x num_warps) on the largest shape")
+    args = parser.parse_args(argv)
+    cfg = SMOKE if args.smoke else FULL
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --smoke on CPU")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    reps, warmup = (2, 1) if args.smoke else (max(args.reps, 20), args.warmup)
+    timer = Timer(device, reps, warmup)
+    torch.manual_seed(0)
+
+    backends = {"triton": materialize_triton}
+    if not args.skip_torch:
+        backends["torch"] = materialize_reference
+    flashinfer, fi_status = (None, "skipped: CPU") if args.smoke else \
+        load_flashinfer(args.flashinfer_wheel_dir)
+    if flashinfer is not None:
+        backends["flashinfer"] = flashinfer
+    print(f"flashinfer: {fi_status}")
+
+    n_reuse = sum(cfg["content"]) + cfg["template"] * len(cfg["content"])
+    num_slots = 1 + max([n * (2 + a) for n in cfg["tokens"] for a in cfg["anchors"]]
+                        + [n_reuse * (2 + cfg["match_anchors"])])
+    pool = make_pool(cfg, num_slots, torch.bfloat16, device)
+    spec = RopeSpec.build(cfg["head_dim"], 500000.0, scaling=LLAMA3)
+    cos_sin = spec.cos_sin_table(cfg["positions"], device=device)
+    if "flashinfer" in backends:
+        try:                                        # first call JIT-compiles FlashInfer's RoPE
+            backends["flashinfer"](make_plan(cfg, 4, 1, device), pool, cos_sin)
+        except Exception as exc:  # noqa: BLE001
+            fi_status = f"unavailable: {type(exc).__name__}: {exc}"
+            del backends["flashinfer"]
+            print(f"flashinfer: {fi_status}")
+    rows = []
+    bench_materialize(cfg, timer, pool, cos_sin, backends, rows)
+    if args.sweep_blocks:
+        sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
+    bench_reuse_path(cfg, timer, pool, cos_sin, rows)
+    print_table(rows)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"
+    result = dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  torch=torch.__version__, triton=__import__("triton").__version__,
+                  flashinfer=fi_status, shapes={k: v for k, v in cfg.items()}, reps=reps,
+                  rows=rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
