@@ -136,9 +136,10 @@ def max_rel_err_fp64(plan, pool, cos_sin) -> float:
 
 def load_flashinfer(wheel_dir):
     """materialize_flashinfer, or None and the reason it is unavailable."""
-    if wheel_dir:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links",
-                        wheel_dir, "flashinfer-python"], check=False)
+    if wheel_dir:                           # offline: dependencies from the same folder if there
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheel_dir]
+        if subprocess.run(pip + ["flashinfer-python"], check=False).returncode:
+            subprocess.run(pip + ["--no-deps", "flashinfer-python"], check=False)
     try:
         import flashinfer.rope  # noqa: F401
         from kvcomm_sglang.kernels.flashinfer_rope import materialize_flashinfer
