@@ -11,60 +11,45 @@ import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
-
 from kvcomm_sglang.config import KVCommConfig
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class Deviation:
-    """One consumer's real - base KV: content (L, l, H, D) and following template piece (L, P, H, D)."""
+    """One consumer's real - base KV: of the content (L, l, H, D) and of its template piece
+    right after it (L, P, H, D). Both are stored blocks (``kvblock.StoredKV`` or alike)."""
 
-    content_k: torch.Tensor
-    content_v: torch.Tensor
-    template_k: torch.Tensor
-    template_v: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.content_k.shape != self.content_v.shape:
-            raise ValueError(f"content deviation K {tuple(self.content_k.shape)} and V "
-                             f"{tuple(self.content_v.shape)} differ")
-        if self.template_k.shape != self.template_v.shape:
-            raise ValueError(f"template deviation K {tuple(self.template_k.shape)} and V "
-                             f"{tuple(self.template_v.shape)} differ")
+    content: object
+    template: object
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.content_k, self.content_v, self.template_k, self.template_v)
+        return self.content.nbytes + self.template.nbytes
 
 
 @dataclass
 class Anchor:
     key: str                    # the content's segment key (the "message")
-    emb_k: torch.Tensor         # (L, l, H, D) base keys of the content
-    emb_v: torch.Tensor         # (L, l, H, D) base values
+    emb: object                 # stored block: the content's base KV (L, l, H, D)
     deviations: dict[str, Deviation] = field(default_factory=dict)
     activations: int = 0
 
     @property
     def length(self) -> int:
-        return int(self.emb_v.shape[1])
+        return self.emb.length
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.emb_k, self.emb_v) + sum(d.nbytes for d in self.deviations.values())
+        return self.emb.nbytes + sum(d.nbytes for d in self.deviations.values())
 
 
 class AnchorPool:
     """The anchors of one placeholder."""
 
-    def __init__(self, placeholder: str, config: KVCommConfig):
+    def __init__(self, placeholder: str, config: KVCommConfig, on_evict=None):
         self.placeholder = placeholder
         self.config = config
+        self.on_evict = on_evict
         self.anchors: OrderedDict[str, Anchor] = OrderedDict()
 
     def __len__(self) -> int:
@@ -77,15 +62,12 @@ class AnchorPool:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.anchors.values())
 
-    def add(self, key: str, emb_k: torch.Tensor, emb_v: torch.Tensor, consumer: str,
-            deviation: Deviation) -> list[str]:
-        """Record ``consumer``'s deviation for content ``key`` (spec §3); returns evicted keys."""
-        if emb_k.shape != emb_v.shape or emb_k.dim() != 4:
-            raise ValueError(f"anchor embeddings must be (L, l, H, D) K and V of one shape, got "
-                             f"{tuple(emb_k.shape)} and {tuple(emb_v.shape)}")
-        if deviation.content_k.shape != emb_k.shape:
-            raise ValueError(f"content deviation {tuple(deviation.content_k.shape)} does not match "
-                             f"the embedding {tuple(emb_k.shape)}")
+    def add(self, key: str, emb, consumer: str, deviation: Deviation) -> list[str]:
+        """Record ``consumer``'s deviation for content ``key`` (spec §3); returns evicted keys.
+        ``emb`` is the content's base block (its anchor embedding)."""
+        if deviation.content.length != emb.length:
+            raise ValueError(f"content deviation of {deviation.content.length} tokens does not "
+                             f"match the {emb.length}-token embedding")
         evicted = []
         is_new = key not in self.anchors
         if is_new or self.config.evict_on_delta_update:
@@ -93,10 +75,10 @@ class AnchorPool:
             if len(self.anchors) > limit:
                 evicted.append(self.evict_one())
         if key not in self.anchors:
-            self.anchors[key] = Anchor(key, emb_k, emb_v)
+            self.anchors[key] = Anchor(key, emb)
         anchor = self.anchors[key]
         if not self.config.derotated_storage:      # official: the last updater's embedding wins
-            anchor.emb_k, anchor.emb_v = emb_k, emb_v
+            anchor.emb = emb
         anchor.deviations[consumer] = deviation
         return evicted
 
@@ -107,6 +89,8 @@ class AnchorPool:
         window = list(self.anchors.values())[: self.config.window]
         victim = min(window, key=lambda a: a.activations)
         del self.anchors[victim.key]
+        if self.on_evict is not None:
+            self.on_evict(victim)
         return victim.key
 
     def compatible(self, length: int, consumer: str | None = None) -> list[Anchor]:
@@ -122,13 +106,14 @@ class AnchorPool:
 class AnchorRegistry:
     """All placeholder pools of one namespace, under one byte budget."""
 
-    def __init__(self, config: KVCommConfig):
+    def __init__(self, config: KVCommConfig, on_evict=None):
         self.config = config
+        self.on_evict = on_evict
         self.pools: dict[str, AnchorPool] = {}
 
     def pool(self, placeholder: str) -> AnchorPool:
         if placeholder not in self.pools:
-            self.pools[placeholder] = AnchorPool(placeholder, self.config)
+            self.pools[placeholder] = AnchorPool(placeholder, self.config, self.on_evict)
         return self.pools[placeholder]
 
     @property

@@ -13,34 +13,11 @@ import torch
 
 from kvcomm_sglang.anchors import AnchorRegistry, Deviation
 from kvcomm_sglang.config import KVCommConfig
+from kvcomm_sglang.kvblock import StoredKV
 from kvcomm_sglang.estimator import (GateResult, entropy_gate, placeholder_distances,
                                      prefix_distances, softmax_weights)
 from kvcomm_sglang.rope import RopeSpec, rotate
 from kvcomm_sglang.segments import PromptLayout, segment_key
-
-
-@dataclass
-class StoredKV:
-    """k, v (L, N, H, D); positions (N,): where each token's key is rotated to."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    positions: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.k.shape != self.v.shape or self.k.dim() != 4:
-            raise ValueError(f"stored K {tuple(self.k.shape)} and V {tuple(self.v.shape)} must be "
-                             "one (L, N, H, D) shape")
-        if self.positions.shape != (self.k.shape[1],):
-            raise ValueError(f"positions {tuple(self.positions.shape)} do not match "
-                             f"{self.k.shape[1]} tokens")
-
-    @property
-    def length(self) -> int:
-        return int(self.k.shape[1])
-
-    def keys_at(self, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
-        return rotate(self.k, positions - self.positions, rope)
 
 
 @dataclass
@@ -89,18 +66,22 @@ class Fallback:
 
 
 class KVCommState:
-    def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = ""):
+    def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = "",
+                 make_kv=StoredKV, on_evict=None):
+        """``make_kv(k, v, positions)`` builds every stored block (default: plain tensors);
+        ``on_evict(anchor)`` is told of every anchor the pools drop."""
         self.config, self.rope, self.namespace = config, rope, namespace
+        self.make_kv = make_kv
         self.templates: dict[str, AgentTemplate] = {}
         self.contents: dict[str, Content] = {}
-        self.anchors = AnchorRegistry(config)
+        self.anchors = AnchorRegistry(config, on_evict)
 
     # ---- storage ----
     def store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> StoredKV:
         """KV computed at ``positions`` -> stored form (de-rotated, or as is when faithful)."""
         if self.config.derotated_storage:
-            return StoredKV(rotate(k, -positions, self.rope), v, torch.zeros_like(positions))
-        return StoredKV(k, v, positions)
+            return self.make_kv(rotate(k, -positions, self.rope), v, torch.zeros_like(positions))
+        return self.make_kv(k, v, positions)
 
     def register_template(self, agent: str, piece_ids, placeholders, k: torch.Tensor,
                           v: torch.Tensor, piece_spans) -> AgentTemplate:
@@ -125,7 +106,7 @@ class KVCommState:
         key = segment_key(token_ids, self.namespace + "|" + placeholder)
         pool = self.anchors.pool(placeholder)
         cfg = self.config
-        gate = entropy_gate(v, [a.emb_v for a in pool.anchors.values()], cfg.gamma, cfg.top_p,
+        gate = entropy_gate(v, [a.emb.v for a in pool.anchors.values()], cfg.gamma, cfg.top_p,
                             cfg.top_p_credit, cfg.min_anchors, cfg.temperature, cfg.distance_dtype)
         if key in pool:                      # the same message again: its own anchor vouches
             gate = GateResult(False, "known_anchor", 0.0)
@@ -157,6 +138,8 @@ class KVCommState:
     def plan(self, agent: str, content_keys: dict[str, str]) -> ReusePlan | Fallback:
         template, layout = self._template(agent), self.layout(agent, content_keys)
         learn, reason = [], None
+        if any(not self._content(content_keys[ph]).token_ids for ph in template.placeholders):
+            return Fallback("empty_content")
         for ph in template.placeholders:
             content = self._content(content_keys[ph])
             anchor = self.anchors.pool(ph).anchors.get(content.key)
@@ -181,8 +164,8 @@ class KVCommState:
         content = self._content(key)
         anchors = self.anchors.pool(piece.placeholder).compatible(piece.length, agent)
         base_k, base_v = self._matching_view(content.kv, piece.start)
-        embs_k = torch.stack([a.emb_k[:, : piece.length] for a in anchors])
-        embs_v = torch.stack([a.emb_v[:, : piece.length] for a in anchors])
+        embs_k = torch.stack([a.emb.k[:, : piece.length] for a in anchors])
+        embs_v = torch.stack([a.emb.v[:, : piece.length] for a in anchors])
         cfg = self.config
         wk = softmax_weights(placeholder_distances(base_k, embs_k, cfg.distance_dtype), cfg.temperature)
         wv = softmax_weights(placeholder_distances(base_v, embs_v, cfg.distance_dtype), cfg.temperature)
@@ -191,8 +174,8 @@ class KVCommState:
     def _plan_template(self, agent, piece, template, content, content_plan) -> PiecePlan:
         t = content.kv.length
         base_k, base_v = self._matching_view(content.kv, content_plan.start)
-        tails_k = torch.stack([a.emb_k[:, a.length - t:] for a in content_plan.anchors])
-        tails_v = torch.stack([a.emb_v[:, a.length - t:] for a in content_plan.anchors])
+        tails_k = torch.stack([a.emb.k[:, a.length - t:] for a in content_plan.anchors])
+        tails_v = torch.stack([a.emb.v[:, a.length - t:] for a in content_plan.anchors])
         cfg = self.config
         wk = softmax_weights(prefix_distances(base_k, tails_k, cfg.distance_dtype), cfg.temperature)
         wv = softmax_weights(prefix_distances(base_v, tails_v, cfg.distance_dtype), cfg.temperature)
@@ -239,12 +222,12 @@ class KVCommState:
     def _offset(self, piece: PiecePlan, agent: str, n: int):
         devs = [a.deviations[agent] for a in piece.anchors]
         if piece.kind == "content":
-            dk = torch.stack([d.content_k[:, :n] for d in devs])
-            dv = torch.stack([d.content_v[:, :n] for d in devs])
+            dk = torch.stack([d.content.k[:, :n] for d in devs])
+            dv = torch.stack([d.content.v[:, :n] for d in devs])
             wk, wv = piece.weights_k[:, None, :, None, None], piece.weights_v[:, None, :, None, None]
         else:
-            dk = torch.stack([d.template_k for d in devs])
-            dv = torch.stack([d.template_v for d in devs])
+            dk = torch.stack([d.template.k for d in devs])
+            dv = torch.stack([d.template.v for d in devs])
             wk, wv = piece.weights_k[:, :, None], piece.weights_v[:, :, None]
         return (wk * dk.to(torch.float32)).sum(0), (wv * dv.to(torch.float32)).sum(0)
 
@@ -262,23 +245,31 @@ class KVCommState:
                 continue
             content = self._content(content_keys[piece.placeholder])
             after = layout.template_piece(piece.index)
-            dev_ck, dev_cv, emb_k = self._deviation(content.kv, piece.start, real_k, real_v)
-            dev_tk, dev_tv, _ = self._deviation(template.pieces[after.index], after.start, real_k,
-                                                real_v)
+            dev_content, emb = self._deviation(content.kv, piece.start, real_k, real_v)
+            dev_template, _ = self._deviation(template.pieces[after.index], after.start, real_k,
+                                              real_v)
             pool = self.anchors.pool(piece.placeholder)
             evicted += [(piece.placeholder, k) for k in pool.add(
-                content.key, emb_k, content.kv.v, agent, Deviation(dev_ck, dev_cv, dev_tk, dev_tv))]
+                content.key, emb, agent, Deviation(dev_content, dev_template))]
         evicted += self.anchors.enforce_budget()
         return evicted
 
     def _deviation(self, source: StoredKV, start: int, real_k, real_v):
+        """-> (deviation block real - base, the anchor embedding block of ``source``)."""
         n = source.length
         dst = torch.arange(start, start + n)
         rk, rv = real_k[:, start:start + n], real_v[:, start:start + n]
-        if self.config.derotated_storage:
-            return rotate(rk, -dst, self.rope) - source.k, rv - source.v, source.k
+        base_k, base_v = source.k, source.v
+        if self.config.derotated_storage:   # de-rotated: the embedding is the stored base itself
+            dev = self.make_kv(rotate(rk, -dst, self.rope) - base_k, rv - base_v,
+                               torch.zeros_like(dst))
+            return dev, source
         base_k = source.keys_at(dst, self.rope)
-        return rk - base_k, rv - source.v, base_k
+        return self.make_kv(rk - base_k, rv - base_v, dst), self.make_kv(base_k, base_v, dst)
+
+    def drop_content(self, key: str) -> Content | None:
+        """Forget a content (its base KV was evicted); plans that need it fall back."""
+        return self.contents.pop(key, None)
 
     def _template(self, agent: str) -> AgentTemplate:
         if agent not in self.templates:

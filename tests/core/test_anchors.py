@@ -5,18 +5,21 @@ import torch
 
 from kvcomm_sglang.anchors import AnchorRegistry, Deviation
 from kvcomm_sglang.config import KVCommConfig
+from kvcomm_sglang.kvblock import StoredKV
 
 L, H, D = 2, 1, 4
 
 
+def block(n):
+    return StoredKV(torch.randn(L, n, H, D), torch.randn(L, n, H, D), torch.zeros(n, dtype=torch.long))
+
+
 def dev(n=3, p=2):
-    return Deviation(torch.randn(L, n, H, D), torch.randn(L, n, H, D),
-                     torch.randn(L, p, H, D), torch.randn(L, p, H, D))
+    return Deviation(block(n), block(p))
 
 
 def add(pool, key, consumer="a"):
-    e = torch.randn(L, 3, H, D)
-    return pool.add(key, e, e.clone(), consumer, dev())
+    return pool.add(key, block(3), consumer, dev())
 
 
 @pytest.mark.parametrize("faithful", [True, False])
@@ -41,20 +44,17 @@ def test_t8_eviction_check_on_delta_update_is_official_only():
     official = AnchorRegistry(KVCommConfig.faithful(max_anchors=1, window=1)).pool("p")
     add(official, "x")
     add(official, "y")                              # official pool holds V + 1 = 2
-    e = torch.randn(L, 3, H, D)
-    assert official.add("y", e, e.clone(), "b", dev()) == ["x"]   # a delta-only update evicts
+    assert official.add("y", block(3), "b", dev()) == ["x"]   # a delta-only update evicts
     ours = AnchorRegistry(KVCommConfig(max_anchors=1, window=1)).pool("p")
     add(ours, "x")
-    assert ours.add("x", e, e.clone(), "b", dev()) == []
+    assert ours.add("x", block(3), "b", dev()) == []
     assert set(ours.anchors["x"].deviations) == {"a", "b"}
 
 
 def test_compatible_filters_length_and_consumer():
     pool = AnchorRegistry(KVCommConfig()).pool("p")
-    e = torch.randn(L, 5, H, D)
-    pool.add("long", e, e, "a", dev(5))
-    e2 = torch.randn(L, 2, H, D)
-    pool.add("short", e2, e2, "a", dev(2))
+    pool.add("long", block(5), "a", dev(5))
+    pool.add("short", block(2), "a", dev(2))
     assert [a.key for a in pool.compatible(3, "a")] == ["long"]
     assert pool.compatible(3, "b") == []
 
@@ -64,17 +64,24 @@ def test_t12_request_overlay_semantics():
         registry = AnchorRegistry(KVCommConfig(request_isolation=isolation))
         t1, t2 = registry.transaction(), registry.transaction()
         for t, key in ((t1, "r1"), (t2, "r2")):
-            e = torch.randn(L, 3, H, D)
             t.pool("user_question")                  # first touch (overlay copy in bucket mode)
-            t.add("user_question", key, e, e.clone(), "a", dev())
+            t.add("user_question", key, block(3), "a", dev())
         t1.commit()
         t2.commit()
         assert set(registry.pool("user_question").anchors) == expected
 
 
+def test_eviction_callback_sees_every_dropped_anchor():
+    dropped = []
+    registry = AnchorRegistry(KVCommConfig(max_anchors=2, window=2), on_evict=dropped.append)
+    pool = registry.pool("p")
+    for key in "abc":
+        add(pool, key)
+    assert [a.key for a in dropped] == ["a"]
+
+
 def test_byte_budget_evicts():
-    one = torch.randn(L, 3, H, D)
-    size = 2 * one.numel() * 4 + dev().nbytes
+    size = block(3).nbytes + dev().nbytes
     registry = AnchorRegistry(KVCommConfig(anchor_budget_bytes=2 * size + 1))
     pool = registry.pool("p")
     for key in "abcd":
@@ -85,14 +92,12 @@ def test_byte_budget_evicts():
 
 def test_bad_inputs():
     pool = AnchorRegistry(KVCommConfig()).pool("p")
-    with pytest.raises(ValueError, match="embeddings"):
-        pool.add("k", torch.randn(L, 3, H, D), torch.randn(L, 4, H, D), "a", dev())
     with pytest.raises(ValueError, match="does not match"):
-        e = torch.randn(L, 5, H, D)
-        pool.add("k", e, e, "a", dev(3))
-    with pytest.raises(ValueError, match="differ"):
-        Deviation(torch.randn(1, 2, 1, 4), torch.randn(1, 3, 1, 4), torch.randn(1, 1, 1, 4),
-                  torch.randn(1, 1, 1, 4))
+        pool.add("k", block(5), "a", dev(3))
+    with pytest.raises(ValueError, match="one"):
+        StoredKV(torch.randn(1, 2, 1, 4), torch.randn(1, 3, 1, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="positions"):
+        StoredKV(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.zeros(3))
     with pytest.raises(ValueError, match="empty"):
         pool.evict_one()
 

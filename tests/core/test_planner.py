@@ -126,7 +126,7 @@ def test_t4_repeated_message_weights_and_formula():
     k, v = world.state.assemble("0", needed, plan)
     devs = [a.deviations["0"] for a in template.anchors]
     src = template.source
-    dk = sum(w[:, None] * d.template_k for w, d in zip(template.weights_k, devs))
+    dk = sum(w[:, None] * d.template.k for w, d in zip(template.weights_k, devs))
     dk[0] = 0
     start = template.start
     expected = rotate(src.k + dk, torch.arange(start, start + src.length), ROPE)
@@ -157,7 +157,8 @@ def test_materialize_reference_equals_planner_assembly():
             if isinstance(source, tuple):
                 anchor, consumer, kind = source
                 d = anchor.deviations[consumer]
-                k, v = (d.content_k, d.content_v) if kind == "content" else (d.template_k, d.template_v)
+                block = d.content if kind == "content" else d.template
+                k, v = block.k, block.v
             else:
                 k, v = source.k, source.v
             slots[ident] = pool.alloc(k.shape[1])

@@ -15,14 +15,13 @@ separately, so dropping the context tokens cuts exactly at the question.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
+from kvcomm_sglang.segments import split_template
+
 Encode = Callable[[str], list]
 
-PLACEHOLDER_RE = re.compile(r"\{(user_question|(agent|condition)_\w+?_(current|history))\}")
-BRACED_NAME_RE = re.compile(r"\{(\w+)\}")
 QUESTION_LEAD_IN = "The task is:\n"  # ends in a newline: piece ids == whole-text ids
 USER_HEADER = "<|im_start|>user\n"  # ChatML, as the model's chat template writes it
 
@@ -44,23 +43,12 @@ AGENTS: tuple[AgentRole, ...] = (
 
 
 @dataclass(frozen=True)
-class Template:
-    """texts[i] precedes placeholders[i]; texts[-1] follows the last one (len = n + 1)."""
+class AgentTemplate:
+    """Agent k's template: text pieces x_0..x_n (ids, each tokenized on its own), phi_1..phi_n."""
 
-    texts: tuple[str, ...]
+    agent: str
+    text_ids: tuple[tuple[int, ...], ...]
     placeholders: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TokenizedTemplate:
-    text_ids: tuple[tuple[int, ...], ...]  # ids of x_0..x_n, each tokenized on its own
-    placeholders: tuple[str, ...]          # φ_1..φ_n
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]
-    spans: dict[str, tuple[int, int]]  # placeholder -> [start, end) in ids
 
 
 @dataclass(frozen=True)
@@ -97,56 +85,13 @@ def render_template(render_chat: Callable[[str, str], str], k: int) -> str:
     return render_chat(AGENTS[k].system, user_template(k))
 
 
-def split_template(text: str) -> Template:
-    """Split a rendered template into text pieces and placeholder names (spec §1.4).
-
-    Raises ValueError on an unknown ``{name}``, adjacent placeholders, a placeholder used twice,
-    a node id with an underscore, or a template that ends in a placeholder.
-    """
-    for match in BRACED_NAME_RE.finditer(text):
-        if not PLACEHOLDER_RE.fullmatch(match.group(0)):
-            raise ValueError(f"unknown placeholder {match.group(0)!r} at offset {match.start()}")
-    texts, names, cursor = [], [], 0
-    for match in PLACEHOLDER_RE.finditer(text):
-        piece, name = text[cursor:match.start()], match.group(1)
-        if names and not piece:
-            raise ValueError(f"adjacent placeholders {{{names[-1]}}}{{{name}}}")
-        if name in names:
-            raise ValueError(f"placeholder {{{name}}} used twice")
-        if name != "user_question" and "_" in name.split("_", 1)[1].rsplit("_", 1)[0]:
-            raise ValueError(f"node id in {{{name}}} must not contain '_'")
-        texts.append(piece)
-        names.append(name)
-        cursor = match.end()
-    texts.append(text[cursor:])
-    if names and not texts[-1]:
-        raise ValueError(f"template ends with placeholder {{{names[-1]}}}; it must end with text")
-    return Template(tuple(texts), tuple(names))
-
-
-def tokenize_template(template: Template, encode: Encode) -> TokenizedTemplate:
-    """Tokenize each text piece separately (``encode`` adds no special tokens)."""
-    return TokenizedTemplate(tuple(tuple(encode(t)) for t in template.texts),
-                             template.placeholders)
-
-
-def agent_templates(render_chat: Callable[[str, str], str],
-                    encode: Encode) -> list[TokenizedTemplate]:
-    """The tokenized templates of all agents, in execution order."""
-    return [tokenize_template(split_template(render_template(render_chat, k)), encode)
-            for k in range(len(AGENTS))]
-
-
-def assemble(template: TokenizedTemplate, contents: dict[str, list[int]]) -> Prompt:
-    """Prompt ids x_0 | c_1 | x_1 | ... | c_n | x_n, with the spans of the contents."""
-    missing = [name for name in template.placeholders if name not in contents]
-    if missing:
-        raise ValueError(f"no content for placeholders {missing}")
-    ids, spans = list(template.text_ids[0]), {}
-    for name, text_ids in zip(template.placeholders, template.text_ids[1:]):
-        spans[name] = (len(ids), len(ids) + len(contents[name]))
-        ids += list(contents[name]) + list(text_ids)
-    return Prompt(ids, spans)
+def agent_templates(render_chat: Callable[[str, str], str], encode: Encode) -> list[AgentTemplate]:
+    """The tokenized templates of all agents, in execution order (core ``split_template``)."""
+    out = []
+    for k in range(len(AGENTS)):
+        texts, names = split_template(render_template(render_chat, k))
+        out.append(AgentTemplate(str(k), tuple(tuple(encode(t)) for t in texts), tuple(names)))
+    return out
 
 
 def stand_in_text(name: str) -> str:
