@@ -8,6 +8,7 @@ available through ``KVCommConfig.faithful()``; ``docs/fidelity.md`` lists each o
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 TOP_P_CREDIT_MODES = ("official", "nucleus")
@@ -33,6 +34,7 @@ class KVCommConfig:
     request_isolation: str = "merge"   # official: "bucket" (last committer wins per placeholder)
     # ---- production bounds (no official counterpart: the official pool is unbounded) ----
     anchor_budget_bytes: int = 1 << 30
+    store_budget_fraction: float = 0.5  # share of a server's KV pool the segment store may hold
     min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
     namespace_prefix: str = "kvcomm:"  # approximate KV only under extra_key with this prefix
@@ -54,6 +56,8 @@ class KVCommConfig:
                  f"request_isolation must be 'merge' or 'bucket', got {self.request_isolation!r}")
         _require(self.anchor_budget_bytes > 0,
                  f"anchor_budget_bytes must be > 0, got {self.anchor_budget_bytes}")
+        _require(0.0 < self.store_budget_fraction <= 1.0,
+                 f"store_budget_fraction must be in (0, 1], got {self.store_budget_fraction}")
         _require(self.min_segment_tokens >= 1,
                  f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
         _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")
@@ -71,6 +75,24 @@ class KVCommConfig:
     def pool_capacity(self) -> int:
         """Anchors a placeholder pool holds at steady state (official: V + 1, spec §5.3)."""
         return self.max_anchors if self.strict_pool_size else self.max_anchors + 1
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "KVCommConfig":
+        """From a JSON object (the server reads env KVCOMM_CONFIG); {"faithful": true} starts
+        from the official values."""
+        if not text:
+            return cls()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"KVCOMM config is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError("KVCOMM config must be a JSON object")
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)} - {"faithful"}
+        if unknown:
+            raise ValueError(f"unknown KVCOMM config fields {sorted(unknown)}")
+        faithful = values.pop("faithful", False)
+        return cls.faithful(**values) if faithful else cls(**values)
 
     def replace(self, **changes) -> "KVCommConfig":
         return dataclasses.replace(self, **changes)

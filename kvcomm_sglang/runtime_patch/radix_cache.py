@@ -1,0 +1,138 @@
+"""KVCommRadixCache: SGLang 0.5.17's RadixCache plus KVCOMM reuse through the host-hit seam.
+
+``match_prefix`` reports a KVCOMM request's reusable tail (everything after the device-matched
+prefix up to, not including, the last prompt token) as a host hit, without side effects;
+``init_load_back`` allocates slots, materializes the corrected KV into them and inserts a node
+tagged ``kvcomm_approx`` under the request's own path; ``cache_finished_req`` captures templates,
+messages and anchors before SGLang frees the request's slots. Requests without KVCOMM hints are
+served exactly as by ``RadixCache``; KVCOMM requests that will compute densely never match
+approximate nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+from kvcomm_sglang.runtime_patch.report import set_report
+
+logger = logging.getLogger(__name__)
+
+
+class KVCommRadixCache(RadixCache):
+    def __init__(self, params, runtime_factory):
+        self.runtime = None
+        super().__init__(params)
+        self.runtime = runtime_factory(self)
+
+    # ---- matching ----
+    def match_prefix(self, params):
+        base = super().match_prefix(params)
+        req = params.req
+        if req is None or self.disable or self.runtime is None:
+            return base
+        decision = self.runtime.decide(req)
+        if decision is None:
+            return base
+        if decision.kind != "reuse":
+            set_report(req, "dense", 0, decision.reason)
+            return self._exact_only(base)
+        tail = len(req.origin_input_ids) - 1 - len(base.device_indices)
+        if tail <= 0:
+            set_report(req, "reuse", 0, None)
+            return base
+        set_report(req, "reuse", tail, None)
+        node = base.last_device_node
+        return base._replace(host_hit_length=tail, best_match_node=node, last_host_node=node)
+
+    def _exact_only(self, base):
+        """Cut the match before the first approximate node on its path."""
+        path, node = [], base.last_device_node
+        while node is not None and node is not self.root_node:
+            path.append(node)
+            node = node.parent
+        approx = [i for i, n in enumerate(path) if getattr(n, "kvcomm_approx", False)]
+        if not approx:
+            return base
+        cut = path[approx[-1]]                      # the approximate node closest to the root
+        keep = len(base.device_indices) - sum(len(n.key) for n in path[: approx[-1] + 1])
+        parent = cut.parent
+        return base._replace(device_indices=base.device_indices[:keep], last_device_node=parent,
+                             last_host_node=parent, best_match_node=parent)
+
+    # ---- load-back: materialize the reused tail ----
+    def init_load_back(self, params):
+        req, node, n = params.req, params.best_match_node, params.host_hit_length
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        decision = self.runtime.decide(req) if req is not None else None
+        if decision is None or decision.kind != "reuse" or n <= 0:
+            return empty, node
+        slots = self.token_to_kv_pool_allocator.alloc(n)
+        if slots is None:
+            super().evict(EvictParams(num_tokens=n))
+            slots = self.token_to_kv_pool_allocator.alloc(n)
+        if slots is None:
+            return self._load_back_failed(req, "pool_full", empty, node)
+        slots = slots.to(torch.int64)
+        d = len(req.prefix_indices)
+        try:
+            if torch.cuda.is_available() and slots.is_cuda:
+                torch.cuda.current_stream().synchronize()   # reclaimed slots may be in flight
+            self.runtime.materialize(req, decision, d, slots)
+        except Exception as exc:                             # fail closed: compute densely
+            logger.exception("kvcomm: materialize failed for %s", req.rid)
+            self.token_to_kv_pool_allocator.free(slots)
+            return self._load_back_failed(req, f"materialize_error:{type(exc).__name__}", empty,
+                                          node)
+        new = TreeNode(priority=node.priority)
+        new.parent = node
+        new.key = RadixKey(req.origin_input_ids[d:d + n], req.extra_key)
+        new.value = slots.clone()
+        new.kvcomm_approx = True
+        node.children[new.key.child_key(self.page_size)] = new
+        self.evictable_size_ += n
+        self._update_leaf_status(node)
+        self._update_leaf_status(new)
+        self._record_store_event(new)
+        decision.reused = n
+        return slots, new
+
+    def _load_back_failed(self, req, reason, empty, node):
+        self.runtime.mark_dense(req, reason)
+        set_report(req, "dense", 0, reason)
+        return empty, node
+
+    # ---- lifecycle ----
+    def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int):
+        if self.runtime is not None:
+            try:
+                self.runtime.on_finish(req, kv_len_to_handle)
+            except Exception:                                # never break SGLang's bookkeeping
+                logger.exception("kvcomm: capture failed for %s", req.rid)
+                self.runtime.count_fallback("capture_error")
+        super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+
+    def evict(self, params):
+        result = super().evict(params)
+        short = params.num_tokens - result.num_tokens_evicted
+        if short > 0 and self.runtime is not None:
+            freed = self.runtime.evict_store(short)
+            result = EvictResult(num_tokens_evicted=result.num_tokens_evicted + freed)
+        return result
+
+    def evictable_size(self):
+        store = self.runtime.store.tokens if self.runtime is not None else 0
+        return super().evictable_size() + store
+
+    def reset(self):
+        super().reset()
+        if getattr(self, "runtime", None) is not None:
+            for name in list(self.runtime.namespaces):
+                self.runtime.drop_namespace(name)
+
+    def make_room(self, num_tokens: int) -> None:
+        """The store's last resort before it gives up: evict tree leaves."""
+        super().evict(EvictParams(num_tokens=num_tokens))

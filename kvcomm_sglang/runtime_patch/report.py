@@ -1,0 +1,63 @@
+"""What a response says about KVCOMM, and the Prometheus counters.
+
+SGLang 0.5.17 forwards ``req.customized_info[key]`` to the response's ``meta_info[key]`` as one
+entry per output token; KVCOMM reports once, on the first output token:
+``meta_info["kvcomm"][0] = {"mode": "reuse"|"dense", "reused_tokens": n, "fallback_reason": r}``.
+"""
+
+from __future__ import annotations
+
+REPORT_KEY = "kvcomm"
+
+
+class FirstTokenReport(list):
+    """A per-token column whose first entry is the report and every other entry is None."""
+
+    def __init__(self, report: dict):
+        super().__init__([report])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(max(index.stop or 1, 1))
+            return [self[0] if i == 0 else None for i in range(start, stop, step)]
+        return super().__getitem__(0) if index == 0 else None
+
+
+def set_report(req, mode: str, reused_tokens: int, reason: str | None) -> None:
+    info = getattr(req, "customized_info", None)
+    if info is None:
+        info = {}
+        req.customized_info = info
+    info[REPORT_KEY] = FirstTokenReport({"mode": mode, "reused_tokens": int(reused_tokens),
+                                         "fallback_reason": reason})
+
+
+class Metrics:
+    """Prometheus counters (created only when SGLang metrics are enabled)."""
+
+    def __init__(self, labels: dict):
+        from prometheus_client import Counter, Gauge
+
+        names = list(labels)
+        self.labels = labels
+        self.calls = Counter("kvcomm_agent_calls_total", "KVCOMM consumer calls by mode",
+                             names + ["agent", "mode"])
+        self.tokens = Counter("kvcomm_reused_tokens_total", "Prompt tokens served by reuse", names)
+        self.prompt_tokens = Counter("kvcomm_prompt_tokens_total",
+                                     "Prompt tokens of KVCOMM consumer calls", names)
+        self.fallbacks = Counter("kvcomm_fallbacks_total", "Dense fallbacks by reason",
+                                 names + ["reason"])
+        self.store_bytes = Gauge("kvcomm_store_bytes", "Bytes held by the segment store", names)
+        self.anchors = Gauge("kvcomm_anchors", "Anchors held", names)
+
+    def call(self, agent: str, mode: str, prompt_tokens: int, reused: int) -> None:
+        self.calls.labels(**self.labels, agent=agent, mode=mode).inc()
+        self.prompt_tokens.labels(**self.labels).inc(prompt_tokens)
+        self.tokens.labels(**self.labels).inc(reused)
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks.labels(**self.labels, reason=reason.split(":")[0]).inc()
+
+    def sizes(self, store_bytes: int, anchors: int) -> None:
+        self.store_bytes.labels(**self.labels).set(store_bytes)
+        self.anchors.labels(**self.labels).set(anchors)
