@@ -1,0 +1,177 @@
+"""Per-agent TTFT on the CPU server: SGLang dense (+ its radix cache) vs KVCOMM, same server
+build, same run. Prints a table and writes bench-results/ttft_cpu.json.
+
+Workload (the paper's TTFT benchmark, scaled to a CPU): 4 fully connected agents; a fixed
+system prefix per agent; a ~700-token user input of random Δ/Ω symbols; 96-token agent outputs
+(ignore_eos, as the paper forces its output length); the last agent's prompt is > 1K tokens.
+Dense: the same prompts as plain requests (no hints). KVCOMM: the `kvcomm` backend with its
+default config (entropy gate on). TTFT = time to the first streamed token at the client.
+Medians over the measured workflows, after warm-up workflows that fill the anchor pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import statistics
+import sys
+import time
+
+import requests
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvcomm_sglang import protocol  # noqa: E402
+from kvcomm_sglang.runtime_patch.process import ServerProcess  # noqa: E402
+from kvcomm_sglang.segments import split_template  # noqa: E402
+from tests.harness.workflow import AgentTemplate  # noqa: E402
+from tests.server.workflow_client import encode, render_chat  # noqa: E402
+
+NUM_AGENTS = 4
+
+
+def templates():
+    out = []
+    for k in range(NUM_AGENTS):
+        system = "You are copy machine " + str(k) + ". " + " Ω" * 48 + \
+            " Repeat the symbols of the task exactly."
+        user = "The task is:\n{user_question}\n" + "".join(
+            f"\nAgent {x} output:\n{{agent_{x}_current}}\n" for x in range(k)) + "\nCopy the task."
+        texts, names = split_template(render_chat(system, user))
+        out.append(AgentTemplate(str(k), tuple(tuple(encode(t)) for t in texts), tuple(names)))
+    return out
+
+
+def task(rng: random.Random, symbols: int) -> str:
+    return " ".join(rng.choice("ΔΩ") for _ in range(symbols))
+
+
+def stream(url: str, ids, new_tokens: int, hints=None, namespace=None):
+    """-> (ttft_s, output_ids, meta_info) of one streamed greedy request."""
+    params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+    if hints:
+        params["custom_params"] = hints
+    body = {"input_ids": list(ids), "sampling_params": params, "stream": True}
+    if namespace:
+        body["extra_key"] = namespace
+    start, ttft, last = time.perf_counter(), None, None
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            last = json.loads(line[5:])
+            if "error" in last:
+                raise RuntimeError(last["error"])
+    return ttft, list(last["output_ids"]), last["meta_info"]
+
+
+def run_workflow(url, temps, question_ids, new_tokens, kvcomm, qid, namespace):
+    """One question through all agents; returns per-agent (prompt_tokens, ttft, report)."""
+    contents, out = {}, []
+    if kvcomm:
+        lead = encode("<|im_start|>user\nThe task is:\n")
+        t0 = time.perf_counter()
+        stream(url, lead + question_ids, 1, protocol.encode(base=(f"{qid}.q", "user_question",
+                                                                  len(lead))), namespace)
+        base_s = time.perf_counter() - t0
+    else:
+        base_s = 0.0
+    contents["user_question"] = (f"{qid}.q", question_ids)
+    for t in temps:
+        ids, layout = list(t.text_ids[0]), [protocol.Piece("template", len(t.text_ids[0]))]
+        for name, piece in zip(t.placeholders, t.text_ids[1:]):
+            message, content = contents[name]
+            layout += [protocol.Piece("content", len(content), name, message),
+                       protocol.Piece("template", len(piece))]
+            ids += list(content) + list(piece)
+        name = f"agent_{t.agent}_current"
+        hints = protocol.encode(agent=t.agent, layout=layout, capture=(f"{qid}.a{t.agent}", name)) \
+            if kvcomm else None
+        ttft, output, meta = stream(url, ids, new_tokens, hints, namespace if kvcomm else None)
+        report = (meta.get("kvcomm") or [None])[0]
+        out.append((len(ids), ttft, report))
+        contents[name] = (f"{qid}.a{t.agent}", output[:-1])
+    return out, base_s
+
+
+def register_templates(url, temps, namespace):
+    from tests.harness.workflow import stand_in_text
+
+    for t in temps:
+        ids, layout = [], []
+        for i, piece in enumerate(t.text_ids):
+            if i:
+                standin = encode(stand_in_text(t.placeholders[i - 1]))
+                layout.append(protocol.Piece("content", len(standin), t.placeholders[i - 1],
+                                             "standin"))
+                ids += standin
+            layout.append(protocol.Piece("template", len(piece)))
+            ids += list(piece)
+        stream(url, ids, 1, protocol.encode(agent=t.agent, layout=layout, template=True),
+               namespace)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--symbols", type=int, default=350)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--out", default="bench-results/ttft_cpu.json")
+    parser.add_argument("--url", help="an already running kvcomm server (else one is started)")
+    args = parser.parse_args(argv)
+    temps, rng = templates(), random.Random(0)
+    server = None if args.url else ServerProcess(["--device", "cpu"])
+    if server:
+        server.__enter__()
+    url = args.url or server.url
+    try:
+        namespace = f"kvcomm:ttft-{int(time.time())}"
+        register_templates(url, temps, namespace)
+        rows = {i: {"dense": [], "kvcomm": [], "reused": 0, "prompt": []} for i in range(NUM_AGENTS)}
+        bases = []
+        for r in range(args.warmup + args.repeats):
+            q = encode(task(rng, args.symbols))
+            dense, _ = run_workflow(url, temps, q, args.new_tokens, False, f"d{r}", None)
+            kv, base_s = run_workflow(url, temps, q, args.new_tokens, True, f"k{r}", namespace)
+            print(f"workflow {r + 1}/{args.warmup + args.repeats}: " + " ".join(
+                f"a{i}:{d[1]:.2f}/{k[1]:.2f}s{'*' if (k[2] or {}).get('mode') == 'reuse' else ''}"
+                for i, (d, k) in enumerate(zip(dense, kv))), file=sys.stderr)
+            if r < args.warmup:
+                continue
+            bases.append(base_s)
+            for i, (d, k) in enumerate(zip(dense, kv)):
+                rows[i]["dense"].append(d[1])
+                rows[i]["kvcomm"].append(k[1])
+                rows[i]["prompt"].append(d[0])
+                rows[i]["reused"] += (k[2] or {}).get("mode") == "reuse"
+    finally:
+        if server:
+            server.stop()
+    agents = [{"agent": i, "prompt_tokens": int(statistics.median(v["prompt"])),
+               "dense_ttft_s": statistics.median(v["dense"]),
+               "kvcomm_ttft_s": statistics.median(v["kvcomm"]),
+               "speedup": statistics.median(v["dense"]) / statistics.median(v["kvcomm"]),
+               "reused_calls": v["reused"], "calls": len(v["kvcomm"])} for i, v in rows.items()]
+    result = {"device": "CPU (2 cores), SGLang 0.5.17 torch_native, SmolLM2-135M-Instruct bf16",
+              "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats,
+              "question_base_s_median": statistics.median(bases), "agents": agents}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n{'agent':>5} {'prompt':>7} {'dense s':>9} {'kvcomm s':>9} {'speedup':>8} {'reused':>7}")
+    for a in agents:
+        print(f"{a['agent']:>5} {a['prompt_tokens']:>7} {a['dense_ttft_s']:>9.3f} "
+              f"{a['kvcomm_ttft_s']:>9.3f} {a['speedup']:>7.2f}x {a['reused_calls']:>3}/{a['calls']}")
+    print(f"question base request (KVCOMM only, before agent 0): "
+          f"{result['question_base_s_median']:.3f} s\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
