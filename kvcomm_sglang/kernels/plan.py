@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+INDEX_DTYPES = (torch.int64, torch.int32)
+
 
 @dataclass
 class MaterializePlan:
@@ -111,71 +113,121 @@ def _pad_anchors(weights: torch.Tensor, num_anchors: int) -> torch.Tensor:
 
 
 def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
-    """Raise ValueError naming the first mismatch; never let a backend write out of bounds."""
-    k0 = pool.k_buffer[0]
-    num_layers, (num_slots, num_heads, head_dim) = len(pool.k_buffer), tuple(k0.shape)
+    """Raise ValueError naming the first mismatch; never let a backend write out of bounds.
+
+    Metadata (shapes, dtypes, devices, strides) is checked on the host without touching data;
+    every data-dependent check (value ranges, duplicate dst, dst overlapping src/dev) is computed
+    on the device into one small tensor that is read back once: one host sync per call.
+    """
+    num_layers, num_slots, num_heads, head_dim = check_pool(pool)
+    device = pool.k_buffer[0].device
     n, a = plan.num_tokens, plan.num_anchors
-    _shape("dst_slots", plan.dst_slots, (n,))
-    _shape("src_slots", plan.src_slots, (n,))
-    _shape("positions", plan.positions, (n,))
-    _shape("dev_slots", plan.dev_slots, (n, a))
-    _shape("token_wk", plan.token_wk, (n, a))
-    _shape("token_wv", plan.token_wv, (n, a))
-    _shape("group", plan.group, (n,))
+    for name in ("dst_slots", "src_slots", "positions", "group"):
+        _shape(f"plan.{name}", getattr(plan, name), (n,))
+    _shape("plan.dev_slots", plan.dev_slots, (n, a))
+    _shape("plan.token_wk", plan.token_wk, (n, a))
+    _shape("plan.token_wv", plan.token_wv, (n, a))
     g = plan.channel_wk.shape[0]
-    _shape("channel_wk", plan.channel_wk, (g, a, num_layers, num_heads, head_dim))
-    _shape("channel_wv", plan.channel_wv, (g, a, num_layers, num_heads, head_dim))
+    _shape("plan.channel_wk", plan.channel_wk, (g, a, num_layers, num_heads, head_dim))
+    _shape("plan.channel_wv", plan.channel_wv, (g, a, num_layers, num_heads, head_dim))
     for name in ("dst_slots", "src_slots", "positions", "dev_slots", "group"):
-        _dtype(name, getattr(plan, name), (torch.int64, torch.int32))
+        _dtype(f"plan.{name}", getattr(plan, name), INDEX_DTYPES)
     for name in ("token_wk", "token_wv", "channel_wk", "channel_wv"):
-        _dtype(name, getattr(plan, name), (torch.float32,))
+        _dtype(f"plan.{name}", getattr(plan, name), (torch.float32,))
     for name, t in plan.__dict__.items():
-        if isinstance(t, torch.Tensor) and t.device != k0.device:
-            raise ValueError(f"plan.{name} is on {t.device}, the pool on {k0.device}")
-    if cos_sin.device != k0.device or cos_sin.dtype != torch.float32 or cos_sin.dim() != 2:
-        raise ValueError(f"cos_sin must be a 2-D fp32 table on {k0.device}, got "
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(f"plan.{name} is on {t.device}, the pool on {device}")
+    if cos_sin.device != device or cos_sin.dtype != torch.float32 or cos_sin.dim() != 2:
+        raise ValueError(f"cos_sin must be a 2-D fp32 table on {device}, got "
                          f"{cos_sin.dtype} {tuple(cos_sin.shape)} on {cos_sin.device}")
     if cos_sin.shape[1] % 2 or cos_sin.shape[1] > head_dim:
         raise ValueError(f"cos_sin has {cos_sin.shape[1]} columns: must be even and <= head "
                          f"dim {head_dim}")
+    if not (0 <= plan.first_corrected_layer <= num_layers):
+        raise ValueError(f"first_corrected_layer {plan.first_corrected_layer} not in "
+                         f"[0, {num_layers}]")
+    if n == 0:
+        return
+    ranges = [("plan.dst_slots", plan.dst_slots, 0, num_slots),
+              ("plan.src_slots", plan.src_slots, 0, num_slots),
+              ("plan.positions", plan.positions, 0, cos_sin.shape[0]),
+              ("plan.group", plan.group, -1, g)]
+    if a:
+        ranges.append(("plan.dev_slots", plan.dev_slots, -1, num_slots))
+    max_writes, max_overlap = read_range_stats(ranges, _write_conflicts(plan, num_slots))
+    if max_writes > 1:
+        raise ValueError("dst_slots has duplicates: two tokens would write one slot")
+    if max_overlap > 0:
+        raise ValueError("dst_slots overlap the source or deviation slots of the plan")
+
+
+def check_pool(pool) -> tuple[int, int, int, int]:
+    """Host-only checks that every layer of ``pool`` has one (slots, H, D) layout, dtype and
+    device, contiguous in (H, D) -> (L, slots, H, D). One tuple compare per buffer; the
+    per-layer messages are worked out only when that fails."""
+    k0 = pool.k_buffer[0]
+    num_layers, (num_slots, num_heads, head_dim) = len(pool.k_buffer), tuple(k0.shape)
+    layout = (k0.shape, k0.dtype, k0.device, (head_dim, 1))
+    if len(pool.v_buffer) != num_layers or not all(
+            (b.shape, b.dtype, b.device, b.stride()[1:]) == layout
+            for bufs in (pool.k_buffer, pool.v_buffer) for b in bufs):
+        _explain_pool(pool)
+    return num_layers, num_slots, num_heads, head_dim
+
+
+def _explain_pool(pool) -> None:
+    k0 = pool.k_buffer[0]
+    num_layers, shape = len(pool.k_buffer), tuple(k0.shape)
     for buf_name, bufs in (("k_buffer", pool.k_buffer), ("v_buffer", pool.v_buffer)):
         if len(bufs) != num_layers:
             raise ValueError(f"pool.{buf_name} has {len(bufs)} layers, expected {num_layers}")
         for layer, b in enumerate(bufs):
-            if tuple(b.shape) != (num_slots, num_heads, head_dim) or b.dtype != k0.dtype:
+            if tuple(b.shape) != shape or b.dtype != k0.dtype:
                 raise ValueError(f"pool.{buf_name}[{layer}] is {b.dtype} {tuple(b.shape)}, "
-                                 f"expected {k0.dtype} {(num_slots, num_heads, head_dim)}")
-            if b.stride(-1) != 1 or b.stride(-2) != head_dim:
+                                 f"expected {k0.dtype} {shape}")
+            if b.device != k0.device:
+                raise ValueError(f"pool.{buf_name}[{layer}] is on {b.device}, layer 0 on "
+                                 f"{k0.device}")
+            if b.stride(-1) != 1 or b.stride(-2) != shape[-1]:
                 raise ValueError(f"pool.{buf_name}[{layer}] must be contiguous in (H, D)")
-    if n == 0:
-        return
-    _range("dst_slots", plan.dst_slots, 0, num_slots)
-    _range("src_slots", plan.src_slots, 0, num_slots)
-    _range("positions", plan.positions, 0, cos_sin.shape[0])
-    _range("group", plan.group, -1, g)
-    if a:
-        _range("dev_slots", plan.dev_slots, -1, num_slots)
-    if torch.unique(plan.dst_slots).numel() != n:
-        raise ValueError("dst_slots has duplicates: two tokens would write one slot")
-    read = torch.cat([plan.src_slots, plan.dev_slots[plan.dev_slots >= 0]])
-    if torch.isin(plan.dst_slots, read).any():
-        raise ValueError("dst_slots overlap the source or deviation slots of the plan")
-    if not (0 <= plan.first_corrected_layer <= num_layers):
-        raise ValueError(f"first_corrected_layer {plan.first_corrected_layer} not in "
-                         f"[0, {num_layers}]")
+    raise AssertionError("pool layout check failed without a reason")
 
 
-def _shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+def read_range_stats(ranges: list, extra: tuple = ()) -> list[int]:
+    """Check ``ranges`` ((label, tensor, lo, hi): every value in [lo, hi)) with ONE host sync.
+
+    Min and max of every (non-empty) tensor and the 0-d integer tensors ``extra`` are stacked
+    on the device and read back together; raises ValueError for the first range violated,
+    else returns the values of ``extra``.
+    """
+    parts = [s for _, t, _, _ in ranges for s in torch.aminmax(t)] + list(extra)
+    if not parts:
+        return []
+    values = torch.stack(parts).tolist()
+    for i, (label, _, lo, hi) in enumerate(ranges):
+        vmin, vmax = values[2 * i], values[2 * i + 1]
+        if vmin < lo or vmax >= hi:
+            raise ValueError(f"{label} has values in [{vmin}, {vmax}], allowed [{lo}, {hi})")
+    return values[2 * len(ranges):]
+
+
+def _write_conflicts(plan: MaterializePlan, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-d device tensors: the most tokens writing one slot, and the most dst writes landing on
+    a slot the plan reads (src or dev). A slot-count bitmap; indices are clamped so that
+    out-of-range plans (reported first, by their range check) cannot fault here."""
+    writes = torch.zeros(num_slots + 1, dtype=torch.int32, device=plan.dst_slots.device)
+    dst = plan.dst_slots.clamp(0, num_slots - 1)
+    writes.index_add_(0, dst, torch.ones_like(dst, dtype=torch.int32))
+    read = torch.cat([plan.src_slots.to(torch.int64), plan.dev_slots.reshape(-1).to(torch.int64)])
+    read = read.clamp(-1, num_slots - 1)          # -1 (no deviation): the never-written last entry
+    return writes.amax(), writes[read].amax()
+
+
+def _shape(label: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"plan.{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        raise ValueError(f"{label} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:
+def _dtype(label: str, t: torch.Tensor, dtypes: tuple) -> None:
     if t.dtype not in dtypes:
-        raise ValueError(f"plan.{name} has dtype {t.dtype}, expected one of {dtypes}")
-
-
-def _range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
-    if int(t.min()) < lo or int(t.max()) >= hi:
-        raise ValueError(f"plan.{name} has values in [{int(t.min())}, {int(t.max())}], "
-                         f"allowed [{lo}, {hi})")
+        raise ValueError(f"{label} has dtype {t.dtype}, expected one of {dtypes}")
