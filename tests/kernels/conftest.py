@@ -15,7 +15,7 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_MODULES = ("kvcomm_sglang.kernels.triton_materialize",)
+KERNEL_MODULES = ("kvcomm_sglang.kernels.triton_materialize", "kvcomm_sglang.kernels.distances")
 
 
 def _import_interpreted() -> None:
