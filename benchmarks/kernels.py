@@ -1,15 +1,25 @@
-"""Kernel benchmark: materialize (torch reference, Triton, FlashInfer) against a plain copy of the
-same bytes on the same card, plus the anchor-matching weights and the whole reuse-path overhead.
+"""Kernel benchmark: materialize (torch reference, Triton, FlashInfer) and the anchor distances
+(torch reference, Triton) against a plain copy of the same bytes on the same card, plus the
+request-time reuse path.
 
 GPU (Llama-3.1-8B KV: 32 layers, 8 KV heads, head dim 128, bf16 pool):
     python benchmarks/kernels.py [--flashinfer-wheel-dir DIR] [--out bench-results/kernels.json]
 CPU check (tiny shapes, Triton interpreter):
     python benchmarks/kernels.py --smoke
 
-Rows: op (materialize | check_plan | weights | reuse-path | entropy-gate), backend, tokens,
-anchors, ms (median), bytes (what the op must read + write), copy_ms (device-to-device copy
-moving the same bytes), bandwidth_fraction (copy_ms / ms), max_rel_err (max |out - fp64| /
-max |fp64| over K and V of every layer, materialize only).
+Rows: op, backend, tokens, anchors, ms (median), bytes (what the op must read + write), copy_ms
+(device-to-device copy moving the same bytes), bandwidth_fraction (copy_ms / ms), max_rel_err,
+host_syncs (synchronizing CUDA calls in one call, from torch's sync debug mode; GPU only). Ops:
+    materialize        the plan executor; max_rel_err = max |out - fp64| / max |fp64| over K, V
+    check_plan         plan validation alone (metadata on the host, one device read)
+    distances          anchor_distances of every content piece against the anchors, Triton vs
+                       the torch reference on gathered slots; max_rel_err of Triton vs torch
+    weights            the old path: torch estimator on gathered (A, L, T, H, D) anchor copies
+    capture-distances  what capturing the contents costs, off the request path: the Triton
+                       distances row (the same work, the same timing) in the reuse-path breakdown
+    reuse-path         what a request waits for: softmax of the cached distances of the first
+                       `anchors` anchors, plan flattening, Triton materialize (with check_plan)
+    entropy-gate       the predict-as-anchor gate on one piece (torch)
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if "--smoke" in sys.argv:
@@ -33,6 +44,8 @@ import torch  # noqa: E402
 from kvcomm_sglang.estimator import (entropy_gate, placeholder_distances,  # noqa: E402
                                      prefix_distances, softmax_weights)
 from kvcomm_sglang.kernels import MaterializePlan, TensorKVPool, check_plan  # noqa: E402
+from kvcomm_sglang.kernels.distances import (anchor_distances,  # noqa: E402
+                                             anchor_distances_reference)
 from kvcomm_sglang.kernels.reference import _weights, materialize_reference  # noqa: E402
 from kvcomm_sglang.kernels.triton_materialize import materialize_triton  # noqa: E402
 from kvcomm_sglang.rope import RopeSpec  # noqa: E402
@@ -40,10 +53,11 @@ from kvcomm_sglang.rope import RopeSpec  # noqa: E402
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
 FULL = dict(layers=32, heads=8, head_dim=128, tokens=(512, 1024, 3584), anchors=(1, 3, 20),
-            content=(1024,) + (511,) * 5, template=16, match_anchors=20, positions=8192)
+            content=(1024,) + (511,) * 5, template=16, match_anchors=20, plan_anchors=(3, 20),
+            positions=8192)
 COPY_CAP_BYTES = 2 << 30
 SMOKE = dict(layers=2, heads=2, head_dim=32, tokens=(7, 33), anchors=(1, 3),
-             content=(16, 9, 9), template=4, match_anchors=3, positions=256)
+             content=(16, 9, 9), template=4, match_anchors=3, plan_anchors=(1, 3), positions=256)
 
 
 class Timer:
@@ -82,6 +96,27 @@ class Timer:
         src = torch.empty(size, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
         return self(lambda: dst.copy_(src)) * half / size
+
+
+def count_syncs(fn):
+    """Synchronizing CUDA calls in one ``fn()`` (torch's sync debug mode); None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def row(op, backend, tokens, anchors, ms, nbytes, copy_ms, max_rel_err=None, host_syncs=None):
+    return dict(op=op, backend=backend, tokens=tokens, anchors=anchors, ms=ms, bytes=nbytes,
+                copy_ms=copy_ms, bandwidth_fraction=copy_ms / ms if copy_ms else None,
+                max_rel_err=max_rel_err, host_syncs=host_syncs)
 
 
 def make_pool(cfg, num_slots, dtype, device):
@@ -154,7 +189,6 @@ def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
             plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
             nbytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
             copy_ms = timer.copy_ms(nbytes)
-            base = dict(op="materialize", tokens=n, anchors=a, bytes=nbytes, copy_ms=copy_ms)
             for name, fn in backends.items():
                 try:
                     ms = timer(lambda: fn(plan, pool, cos_sin))
@@ -162,11 +196,11 @@ def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
                 except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the others
                     print(f"  {name} failed on N={n} A={a}: {type(exc).__name__}: {exc}")
                     continue
-                rows.append(dict(base, backend=name, ms=ms, bandwidth_fraction=copy_ms / ms,
-                                 max_rel_err=err))
-            ms = timer(lambda: check_plan(plan, pool, cos_sin))
-            rows.append(dict(base, op="check_plan", backend="torch", ms=ms, bytes=0, copy_ms=None,
-                             bandwidth_fraction=None, max_rel_err=None))
+                syncs = count_syncs(lambda: fn(plan, pool, cos_sin)) if name == "triton" else None
+                rows.append(row("materialize", name, n, a, ms, nbytes, copy_ms, err, syncs))
+            check = lambda: check_plan(plan, pool, cos_sin)  # noqa: E731
+            rows.append(row("check_plan", "torch", n, a, timer(check), 0, None,
+                            host_syncs=count_syncs(check)))
 
 
 def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows):
@@ -178,9 +212,17 @@ def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows):
     for block_n in (1, 2, 4, 8, 16):
         for warps in (2, 4, 8):
             ms = timer(lambda: materialize_triton(plan, pool, cos_sin, block_n, warps))
-            rows.append(dict(op="materialize", backend=f"triton[bn={block_n},w={warps}]",
-                             tokens=n, anchors=a, ms=ms, bytes=nbytes, copy_ms=copy_ms,
-                             bandwidth_fraction=copy_ms / ms, max_rel_err=None))
+            rows.append(row("materialize", f"triton[bn={block_n},w={warps}]", n, a, ms, nbytes,
+                            copy_ms))
+    inputs = distance_inputs(cfg, cfg["match_anchors"], pool.k_buffer[0].device)
+    tokens, nbytes = sum(cfg["content"]), distance_bytes(cfg, pool)
+    copy_ms = timer.copy_ms(nbytes)
+    for block_t in (8, 16, 32, 64):
+        for warps in (4, 8):
+            ms = timer(lambda: [anchor_distances(pool, *x, block_t=block_t, num_warps=warps)
+                                for x in inputs])
+            rows.append(row("distances", f"triton[bt={block_t},w={warps}]", tokens,
+                            cfg["match_anchors"], ms, nbytes, copy_ms))
 
 
 def matching_inputs(cfg, a, dtype, device):
@@ -220,37 +262,85 @@ def reuse_plan(cfg, weights, a, device):
                      (torch.cat(token_wk), torch.cat(token_wv)), (chan_k, chan_v))
 
 
-def bench_reuse_path(cfg, timer, pool, cos_sin, rows):
+def distance_inputs(cfg, a, device):
+    """(cand_slots (T,), head_slots (A, T), tail_slots (A, T)) per content piece: the piece at one
+    run of T pool slots, each of its A anchors (T tokens long, so head = tail) at another."""
+    inputs, start = [], 1
+    for t in cfg["content"]:
+        slots = torch.arange(start, start + (1 + a) * t, device=device)
+        anchors = slots[t:].view(a, t)
+        inputs.append((slots[:t], anchors, anchors))
+        start += (1 + a) * t
+    return inputs
+
+
+def distance_bytes(cfg, pool):
+    """The candidates' and their anchors' K and V, every layer, each read once."""
+    k0 = pool.k_buffer[0]
+    per_token = 2 * len(pool.k_buffer) * k0[0].numel() * k0.element_size()
+    return (1 + cfg["match_anchors"]) * sum(cfg["content"]) * per_token
+
+
+def bench_distances(cfg, timer, pool, rows):
+    """Triton vs torch anchor distances over every content piece; returns Triton's results (what
+    capture caches for the requests)."""
+    a, inputs = cfg["match_anchors"], distance_inputs(cfg, cfg["match_anchors"],
+                                                      pool.k_buffer[0].device)
+    tokens, nbytes = sum(cfg["content"]), distance_bytes(cfg, pool)
+    copy_ms = timer.copy_ms(nbytes)
+    got = [anchor_distances(pool, *x) for x in inputs]
+    err = 0.0
+    for g, x in zip(got, inputs):
+        w = anchor_distances_reference(pool, *x)
+        for name in ("ph_k", "ph_v", "pf_k", "pf_v", "gate_v"):
+            want = getattr(w, name)
+            err = max(err, float((getattr(g, name) - want).abs().max() / want.abs().max()))
+        del w
+    triton_all = lambda: [anchor_distances(pool, *x) for x in inputs]  # noqa: E731
+    triton_ms, syncs = timer(triton_all), count_syncs(triton_all)
+    rows.append(row("distances", "triton", tokens, a, triton_ms, nbytes, copy_ms, err, syncs))
+    ms = timer(lambda: [anchor_distances_reference(pool, *x) for x in inputs])
+    rows.append(row("distances", "torch", tokens, a, ms, nbytes, copy_ms))
+    rows.append(row("capture-distances", "triton", tokens, a, triton_ms, nbytes, copy_ms,
+                    host_syncs=syncs))
+    return got
+
+
+def request_weights(cached, a):
+    """What a request computes from the distances cached at capture, for its first a anchors:
+    token weights (T, A) per piece and channel weights (A, L, H, D) for the template after it."""
+    return [(softmax_weights(d.ph_k[:a]).t(), softmax_weights(d.ph_v[:a]).t(),
+             softmax_weights(d.pf_k[:a]), softmax_weights(d.pf_v[:a])) for d in cached]
+
+
+def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows):
     device, dtype, a = pool.k_buffer[0].device, pool.k_buffer[0].dtype, cfg["match_anchors"]
     pieces = matching_inputs(cfg, a, dtype, device)
     read = 2 * sum(p.numel() * p.element_size() for piece in pieces for p in piece)
+    rows.append(row("weights", "torch", sum(cfg["content"]), a, timer(lambda: weights_step(pieces)),
+                    read, timer.copy_ms(read)))
     n = sum(cfg["content"]) + cfg["template"] * len(cfg["content"])
-    mat_bytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
+    for plan_a in cfg["plan_anchors"]:
+        nbytes = materialize_bytes(cfg, n, plan_a, pool.k_buffer[0].element_size())
 
-    def whole_path():
-        materialize_triton(reuse_plan(cfg, weights_step(pieces), a, device), pool, cos_sin)
+        def request():
+            plan = reuse_plan(cfg, request_weights(cached, plan_a), plan_a, device)
+            materialize_triton(plan, pool, cos_sin)
 
-    for op, fn, nbytes, tokens in (("weights", lambda: weights_step(pieces), read,
-                                    sum(cfg["content"])),
-                                   ("reuse-path", whole_path, read + mat_bytes, n)):
-        copy_ms = timer.copy_ms(nbytes)
-        ms = timer(fn)
-        rows.append(dict(op=op, backend="torch+triton" if op == "reuse-path" else "torch",
-                         tokens=tokens, anchors=a, ms=ms, bytes=nbytes, copy_ms=copy_ms,
-                         bandwidth_fraction=copy_ms / ms, max_rel_err=None))
+        rows.append(row("reuse-path", "torch+triton", n, plan_a, timer(request), nbytes,
+                        timer.copy_ms(nbytes), host_syncs=count_syncs(request)))
     _, bv, _, ev = pieces[-1]
     gate_bytes = (a + 1) * bv.numel() * bv.element_size()
-    copy_ms = timer.copy_ms(gate_bytes)
     ms = timer(lambda: entropy_gate(bv, list(ev.unbind(0)), gamma=0.3))
-    rows.append(dict(op="entropy-gate", backend="torch", tokens=bv.shape[1], anchors=a, ms=ms,
-                     bytes=gate_bytes, copy_ms=copy_ms, bandwidth_fraction=copy_ms / ms,
-                     max_rel_err=None))
+    rows.append(row("entropy-gate", "torch", bv.shape[1], a, ms, gate_bytes,
+                    timer.copy_ms(gate_bytes)))
 
 
 def print_table(rows):
-    cols = (("op", "<13", None), ("backend", "<13", None), ("tokens", ">7", None),
+    cols = (("op", "<18", None), ("backend", "<19", None), ("tokens", ">7", None),
             ("anchors", ">8", None), ("ms", ">10", ".3f"), ("GB/s", ">9", ".1f"),
-            ("copy_ms", ">9", ".3f"), ("bw_frac", ">8", ".2f"), ("max_rel_err", ">12", ".2e"))
+            ("copy_ms", ">9", ".3f"), ("bw_frac", ">8", ".2f"), ("max_rel_err", ">12", ".2e"),
+            ("host_syncs", ">11", None))
     print("".join(format(name, align) for name, align, _ in cols))
     for r in rows:
         r = dict(r, **{"GB/s": r["bytes"] / r["ms"] / 1e6 if r["bytes"] else None,
@@ -269,7 +359,8 @@ def main(argv=None):
     parser.add_argument("--flashinfer-wheel-dir", default=None)
     parser.add_argument("--skip-torch", action="store_true", help="skip the torch reference rows")
     parser.add_argument("--sweep-blocks", action="store_true",
-                        help="also time Triton tile sizes (BLOCK_N x num_warps) on the largest shape")
+                        help="also time Triton tile sizes (materialize BLOCK_N, distances BLOCK_T, "
+                             "x num_warps) on the largest shapes")
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     if not args.smoke and not torch.cuda.is_available():
@@ -290,7 +381,8 @@ def main(argv=None):
 
     n_reuse = sum(cfg["content"]) + cfg["template"] * len(cfg["content"])
     num_slots = 1 + max([n * (2 + a) for n in cfg["tokens"] for a in cfg["anchors"]]
-                        + [n_reuse * (2 + cfg["match_anchors"])])
+                        + [n_reuse * (2 + cfg["match_anchors"]),
+                           sum(cfg["content"]) * (1 + cfg["match_anchors"])])
     pool = make_pool(cfg, num_slots, torch.bfloat16, device)
     spec = RopeSpec.build(cfg["head_dim"], 500000.0, scaling=LLAMA3)
     cos_sin = spec.cos_sin_table(cfg["positions"], device=device)
@@ -305,7 +397,8 @@ def main(argv=None):
     bench_materialize(cfg, timer, pool, cos_sin, backends, rows)
     if args.sweep_blocks:
         sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
-    bench_reuse_path(cfg, timer, pool, cos_sin, rows)
+    cached = bench_distances(cfg, timer, pool, rows)
+    bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows)
     print_table(rows)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"
