@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvcomm-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test demo bench-quality model clean
+.PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement serve model clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,15 @@ test: venv model
 
 bench-quality: venv model
 	$(BIN)/python benchmarks/quality.py --out bench-results/quality.json
+
+bench-ttft-cpu: venv model       ## per-agent TTFT, dense vs KVCOMM, on the CPU server
+	$(BIN)/python benchmarks/ttft_cpu.py --out bench-results/ttft_cpu.json
+
+bench-agreement: venv model      ## KVCOMM vs dense greedy agreement inside the CPU server
+	$(BIN)/python benchmarks/agreement_cpu.py --out bench-results/agreement_cpu.json
+
+serve: venv model                ## a CPU server with the kvcomm backend on port 30000
+	$(BIN)/kvcomm-sglang serve --device cpu --port 30000
 
 # The multi-agent demo lands with the frontend issue; until then the main job is the quality
 # benchmark of the KVCOMM core on the real model.

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kvcomm_sglang.estimator import placeholder_distances, prefix_distances
 from kvcomm_sglang.kernels.plan import INDEX_DTYPES, _dtype, _shape, check_pool, read_range_stats
-from kvcomm_sglang.kernels.triton_materialize import _pointer_table
+from kvcomm_sglang.kernels.triton_materialize import _pool_info
 
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_ELEMENTS = 4096          # candidate tile per program: BLOCK_T * BLOCK_H * next_pow2(D)
@@ -116,17 +116,16 @@ def anchor_distances(pool, cand_slots: torch.Tensor, head_slots: torch.Tensor,
     sizes = (num_anchors * num_tokens,) * 2 + (num_anchors * num_layers * row_size,) * 2
     out = torch.zeros(sum(sizes) + num_anchors, dtype=torch.float32, device=dev)
     if num_anchors and num_tokens:
+        k_table, v_table, aligned = _pool_info(pool)
         block_h, block_t = _block_sizes(num_tokens, heads, head_dim, block_t)
         grid = (triton.cdiv(num_tokens, block_t), num_layers, triton.cdiv(heads, block_h))
         dim_pad = triton.next_power_of_2(head_dim)
         _distances_kernel[grid](
-            _pointer_table(pool.k_buffer, dev), _pointer_table(pool.v_buffer, dev),
-            pool.k_buffer[0], cand_slots.contiguous(), head_slots.contiguous(),
+            k_table, v_table, pool.k_buffer[0], cand_slots.contiguous(), head_slots.contiguous(),
             tail_slots.contiguous(), out, pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0),
             num_tokens, num_anchors, num_layers, 1.0 / (num_layers * row_size),
             HEADS=heads, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h, DIM_PAD=dim_pad,
-            ALIGNED=all(b.data_ptr() % 16 == 0 for b in pool.k_buffer + pool.v_buffer),
-            num_warps=num_warps or (8 if block_t * block_h * dim_pad >= _TILE_ELEMENTS else 4))
+            ALIGNED=aligned, num_warps=num_warps or (8 if block_t * block_h * dim_pad >= _TILE_ELEMENTS else 4))
         out[sizes[0] + sizes[1]:].sqrt_()
     ph_k, ph_v, pf_k, pf_v, gate_v = out.split(sizes + (num_anchors,))
     pf_shape = (num_anchors, num_layers, heads, head_dim)

@@ -161,10 +161,22 @@ def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
         raise ValueError("dst_slots overlap the source or deviation slots of the plan")
 
 
+_checked_pools: dict = {}
+
+
+def pool_key(pool) -> tuple:
+    """A cheap fingerprint of a pool's buffers: the lists and the first/last data pointers."""
+    k, v = pool.k_buffer, pool.v_buffer
+    return (id(k), id(v), len(k), len(v), k[0].data_ptr(), v[-1].data_ptr(), tuple(k[0].shape))
+
+
 def check_pool(pool) -> tuple[int, int, int, int]:
     """Host-only checks that every layer of ``pool`` has one (slots, H, D) layout, dtype and
-    device, contiguous in (H, D) -> (L, slots, H, D). One tuple compare per buffer; the
-    per-layer messages are worked out only when that fails."""
+    device, contiguous in (H, D) -> (L, slots, H, D). One tuple compare per buffer, done once
+    per pool (cached by ``pool_key``); the per-layer messages are worked out only on failure."""
+    key = pool_key(pool)
+    if key in _checked_pools:
+        return _checked_pools[key]
     k0 = pool.k_buffer[0]
     num_layers, (num_slots, num_heads, head_dim) = len(pool.k_buffer), tuple(k0.shape)
     layout = (k0.shape, k0.dtype, k0.device, (head_dim, 1))
@@ -172,7 +184,10 @@ def check_pool(pool) -> tuple[int, int, int, int]:
             (b.shape, b.dtype, b.device, b.stride()[1:]) == layout
             for bufs in (pool.k_buffer, pool.v_buffer) for b in bufs):
         _explain_pool(pool)
-    return num_layers, num_slots, num_heads, head_dim
+    if len(_checked_pools) >= 16:
+        _checked_pools.clear()
+    _checked_pools[key] = (num_layers, num_slots, num_heads, head_dim)
+    return _checked_pools[key]
 
 
 def _explain_pool(pool) -> None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomm_sglang.kernels.plan import MaterializePlan, check_plan
+from kvcomm_sglang.kernels.plan import MaterializePlan, check_plan, pool_key
 
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_ELEMENTS = 4096          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
@@ -127,7 +127,7 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
     ptxas reports 68 registers and no spills on sm_90.
     """
     check_plan(plan, pool, cos_sin)
-    _check_pool(pool)
+    k_table, v_table, aligned = _pool_info(pool)
     if plan.num_tokens == 0:
         return
     _, heads, head_dim = pool.k_buffer[0].shape
@@ -145,7 +145,7 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
                                             plan.channel_wk, plan.channel_wv))
     grid = (triton.cdiv(plan.num_tokens, block_n), num_layers, triton.cdiv(heads, block_h))
     _materialize_kernel[grid](
-        _pointer_table(pool.k_buffer, dev), _pointer_table(pool.v_buffer, dev), pool.k_buffer[0],
+        k_table, v_table, pool.k_buffer[0],
         plan.dst_slots.contiguous(), plan.src_slots.contiguous(), plan.positions.contiguous(),
         dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin,
         pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0), cos_sin.stride(0),
@@ -154,8 +154,7 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
         BLOCK_N=block_n, BLOCK_H=block_h, DIM_PAD=dim_pad,
         HALF_PAD=triton.next_power_of_2(rotary_dim // 2),
         TAIL_PAD=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        ALIGNED=all(b.data_ptr() % 16 == 0 for b in pool.k_buffer + pool.v_buffer),
-        num_warps=num_warps)
+        ALIGNED=aligned, num_warps=num_warps)
 
 
 def _block_sizes(heads: int, head_dim: int) -> tuple[int, int]:
@@ -185,14 +184,20 @@ def _check_pool(pool) -> None:
                          f"{k0.device} with the interpreter {'on' if interpreted else 'off'}")
 
 
-def _pointer_table(bufs, device) -> torch.Tensor:
-    """int64 data pointers of ``bufs`` on ``device``, cached by the pointer values."""
-    ptrs = tuple(b.data_ptr() for b in bufs)
-    key = (str(device), ptrs)
+def _pool_info(pool):
+    """(K pointer table, V pointer table, 16-byte aligned?) after the kernel's own pool checks;
+    computed once per pool (``pool_key``), so a launch does no per-layer host work."""
+    key = pool_key(pool)
     if key not in _pointer_tables:
+        _check_pool(pool)
+        dev = pool.k_buffer[0].device
+        bufs = list(pool.k_buffer) + list(pool.v_buffer)
         if len(_pointer_tables) >= 16:
             _pointer_tables.clear()
-        _pointer_tables[key] = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        _pointer_tables[key] = (
+            torch.tensor([b.data_ptr() for b in pool.k_buffer], dtype=torch.int64, device=dev),
+            torch.tensor([b.data_ptr() for b in pool.v_buffer], dtype=torch.int64, device=dev),
+            all(b.data_ptr() % 16 == 0 for b in bufs))
     return _pointer_tables[key]
 
 
