@@ -1,2 +1,11 @@
-"""KVCommEndpoint and AgentGraph for @sgl.function agent programs (DESIGN.md §2). Built by the
-frontend issue."""
+"""KVCOMM for SGLang frontend programs (DESIGN.md §2).
+
+``sgl.set_default_backend(KVCommEndpoint(url))`` plus ``with workflow(): ...`` gives an existing
+``@sgl.function`` program cross-agent KV reuse; ``AgentGraph`` builds multi-agent workflows
+(full, chain, star, debate; several rounds) and measures them dense vs KVCOMM.
+"""
+
+from kvcomm_sglang.frontend.endpoint import KVCommEndpoint
+from kvcomm_sglang.frontend.scope import CallRecord, Workflow, current_workflow, use, workflow
+
+__all__ = ["KVCommEndpoint", "workflow", "use", "current_workflow", "Workflow", "CallRecord"]

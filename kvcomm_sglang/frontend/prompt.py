@@ -1,0 +1,100 @@
+"""Find registered messages inside a prompt string and turn it into a KVCOMM layout.
+
+Pure Python (no SGLang, no HTTP). A *message* is text whose exact token ids the client knows:
+an earlier generation's output (``role`` = its producer) or a program argument such as the user
+question (``role`` None, computed by a base request). ``segment`` cuts a prompt into template
+text and message occurrences; ``name_placeholders`` names each occurrence for the consumer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+STAND_IN = "{{'{}'}} "      # the official template-pass stand-in for a placeholder (spec §1.4)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str                       # message id on the server (unique in the workflow)
+    text: str                     # exactly as it appears in later prompts
+    ids: tuple[int, ...]          # the token ids spliced in for it (captured / base ids)
+    role: int | None              # producer role index; None: a program argument (base message)
+    placeholder: str              # base: its placeholder; generated: the capture placeholder
+    seq: int                      # creation order in the workflow
+
+
+@dataclass(frozen=True)
+class Segmented:
+    texts: tuple[str, ...]            # template text pieces x0..xn
+    messages: tuple[Message, ...]     # the messages between them, in prompt order
+
+    @property
+    def prefix(self) -> str:
+        return self.texts[0]
+
+
+class Unexpressible(ValueError):
+    """The prompt holds messages that no v1 layout can name; send it without a layout."""
+
+
+def segment(text: str, messages, min_chars: int = 12) -> Segmented:
+    """Cut ``text`` at non-overlapping occurrences of ``messages`` (longest first). Occurrences
+    that touch another one, or end the prompt (the last piece must be template text), are left
+    as template text."""
+    spans: list[tuple[int, int, Message]] = []
+    for message in sorted(messages, key=lambda m: (-len(m.text), m.seq)):
+        if len(message.text) < min_chars:
+            continue
+        start = text.find(message.text)
+        while start >= 0:
+            end = start + len(message.text)
+            if end < len(text) and all(end < s or start > e for s, e, _ in spans):
+                spans.append((start, end, message))
+            start = text.find(message.text, end)
+    spans.sort(key=lambda span: span[0])
+    texts, found, pos = [], [], 0
+    for start, end, message in spans:
+        texts.append(text[pos:start])
+        found.append(message)
+        pos = end
+    texts.append(text[pos:])
+    return Segmented(tuple(texts), tuple(found))
+
+
+def name_placeholders(found: Segmented, consumer_role: int) -> tuple[str, ...]:
+    """Placeholder per occurrence: a base message keeps its own; a generated message of another
+    role is ``agent_<n>_current`` (newest) / ``agent_<n>_history`` (the one before); the
+    consumer's own earlier message is ``agent_<n>_history``. Raises Unexpressible when a name
+    would repeat (v1 allows each placeholder once per layout)."""
+    by_role: dict[int, list[Message]] = {}
+    for message in found.messages:
+        if message.role is not None:
+            by_role.setdefault(message.role, []).append(message)
+    names_of: dict[str, str] = {}
+    for role, group in by_role.items():
+        kinds = ["history"] if role == consumer_role else ["current", "history"]
+        newest_first = sorted({m.id: m for m in group}.values(), key=lambda m: -m.seq)
+        if len(newest_first) > len(kinds):
+            raise Unexpressible(f"{len(newest_first)} messages of agent {role} in one prompt")
+        for message, kind in zip(newest_first, kinds):
+            names_of[message.id] = f"agent_{role}_{kind}"
+    names = tuple(names_of.get(m.id, m.placeholder) for m in found.messages)
+    if len(set(names)) != len(names):
+        raise Unexpressible(f"a placeholder would appear twice: {list(names)}")
+    return names
+
+
+def shape_key(found: Segmented, names: tuple[str, ...]) -> tuple:
+    """What makes two prompts share one server-side template: same text pieces, same names."""
+    return found.texts, names
+
+
+def argument_placeholder(name: str, is_question: bool) -> str:
+    """The question argument (named ``question``, ``query``, ``task``..., else the first string
+    keyword argument) is the user question; the others are ``condition_<name>_current`` (the
+    name with its non-alphanumerics removed)."""
+    if is_question:
+        return "user_question"
+    cleaned = re.sub(r"[^A-Za-z0-9]", "", name) or "arg"
+    return f"condition_{cleaned}_current"
