@@ -94,12 +94,13 @@ class KVCommEndpoint(RuntimeEndpoint):
         return call
 
     def _add_arguments(self, wf: Workflow, arguments: dict, text: str) -> None:
-        """Keyword arguments of the program that appear in the prompt are base messages."""
-        strings = [(k, v) for k, v in arguments.items() if isinstance(v, str)]
-        first = next((k for k, _ in strings if k in QUESTION_ARGS), strings[0][0] if strings else None)
-        for name, value in strings:
-            if len(value) >= wf.min_message_chars and value in text:
-                wf.argument_message(value, argument_placeholder(name, name == first), self.tokenize)
+        """Program keyword arguments named in ``wf.shared_args`` that appear in the prompt are
+        base messages: a question-like name is the user question, others conditions."""
+        for name, value in arguments.items():
+            if name in wf.shared_args and isinstance(value, str) and \
+                    len(value) >= wf.min_message_chars and value in text:
+                wf.argument_message(value, argument_placeholder(name, name in QUESTION_ARGS),
+                                    self.tokenize)
 
     def _assemble(self, found: Segmented) -> list[int]:
         ids = list(self.tokenize(found.texts[0]))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from kvcomm_sglang.frontend.prompt import Message
 
 MODES = ("kvcomm", "dense")
+SHARED_ARGS = ("question", "user_question", "query", "task", "q", "context", "passages",
+               "documents", "document")
 MAX_SHAPES_PER_ROLE = 16
 _current: contextvars.ContextVar["Workflow | None"] = contextvars.ContextVar(
     "kvcomm_workflow", default=None)
@@ -44,6 +46,7 @@ class Workflow:
     name: str
     mode: str = "kvcomm"
     min_message_chars: int = 12
+    shared_args: tuple[str, ...] = SHARED_ARGS     # program kwargs that are shared content
     messages: dict[str, Message] = field(default_factory=dict)    # text -> message
     roles: dict[str, int] = field(default_factory=dict)           # prompt prefix -> role index
     shapes: dict[tuple, str] = field(default_factory=dict)        # (role, shape) -> agent id
@@ -98,10 +101,12 @@ class Workflow:
 
 
 @contextlib.contextmanager
-def workflow(name: str | None = None, mode: str = "kvcomm", min_message_chars: int = 12):
+def workflow(name: str | None = None, mode: str = "kvcomm", min_message_chars: int = 12,
+             shared_args=SHARED_ARGS):
     """Scope of one KVCOMM workflow; yields its ``Workflow`` (calls, messages). A fresh name
-    (default: random) starts with empty server state: templates and anchors warm up again."""
-    wf = Workflow(name or uuid.uuid4().hex[:12], mode, min_message_chars)
+    (default: random) starts with empty server state: templates and anchors warm up again.
+    ``shared_args``: program keyword arguments (e.g. ``question``) sent once as base messages."""
+    wf = Workflow(name or uuid.uuid4().hex[:12], mode, min_message_chars, tuple(shared_args))
     token = _current.set(wf)
     try:
         yield wf
