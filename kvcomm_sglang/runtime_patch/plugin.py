@@ -80,13 +80,13 @@ def validate_request_hook(manager, obj, input_ids, *args, **kwargs):
         raise ValueError("KVCOMM hints need the prompt as input_ids or text")
     extra_key = getattr(obj, "extra_key", None)
     protocol.validate(hints, len(input_ids), extra_key)
-    if hints.layout and not hints.template and not _messages.known(extra_key, "agent", hints.agent):
-        raise ValueError(f"agent {hints.agent!r} has no registered template in namespace "
-                         f"{extra_key!r}: send its template request first")
     for message in hints.consumes:
         if not _messages.known(extra_key, "message", message):
             raise ValueError(f"unknown message id {message!r} in namespace {extra_key!r}: "
                              "capture it (base or capture action) before using it")
+    if hints.layout and not hints.template and not _messages.known(extra_key, "agent", hints.agent):
+        raise ValueError(f"agent {hints.agent!r} has no registered template in namespace "
+                         f"{extra_key!r}: send its template request first")
     for message in hints.produces:
         _messages.declare(extra_key, "message", message)
     if hints.template:

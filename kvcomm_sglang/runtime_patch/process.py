@@ -69,16 +69,22 @@ class ServerProcess:
                            f"{self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM to the launcher only (a group-wide SIGTERM makes SGLang 0.5.17 treat its
+        scheduler's exit as a crash), SIGKILL to the whole group after ``timeout``."""
+        if self.process is None:
             return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        except ProcessLookupError:
+            os.killpg(self.process.pid, signal.SIGKILL)     # sweep whatever is left
+        except (ProcessLookupError, PermissionError):
             pass
+        if self.process.poll() is None:
+            self.process.wait(10)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
