@@ -148,6 +148,11 @@ def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
                          f"[0, {num_layers}]")
     if n == 0:
         return
+    if device.type == "cuda":          # fast path: two tiny launches, one read of a counter
+        from kvcomm_sglang.kernels.validate import count_violations
+
+        if count_violations(plan, num_slots, cos_sin.shape[0], g).tolist() == [0]:
+            return
     ranges = [("plan.dst_slots", plan.dst_slots, 0, num_slots),
               ("plan.src_slots", plan.src_slots, 0, num_slots),
               ("plan.positions", plan.positions, 0, cos_sin.shape[0]),

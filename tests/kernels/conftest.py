@@ -15,7 +15,8 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_MODULES = ("kvcomm_sglang.kernels.triton_materialize", "kvcomm_sglang.kernels.distances")
+KERNEL_MODULES = ("kvcomm_sglang.kernels.triton_materialize", "kvcomm_sglang.kernels.distances",
+                  "kvcomm_sglang.kernels.validate")
 
 
 def _import_interpreted() -> None:

@@ -1,0 +1,36 @@
+"""The device-side plan validator (CUDA fast path of check_plan) against check_plan's verdicts."""
+
+import pytest
+import torch
+
+from kvcomm_sglang.kernels.plan import MaterializePlan
+from kvcomm_sglang.kernels.validate import count_violations
+from tests.kernels.conftest import DEVICE
+
+
+def plan_of(dst, src, pos, group, dev):
+    n, a = len(dst), (len(dev[0]) if dev else 0)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    dev_t = t(dev) if a else torch.full((n, 0), -1, dtype=torch.long)
+    return MaterializePlan(t(dst), t(src), t(pos), dev_t, torch.rand(n, a), torch.rand(n, a),
+                           t(group), torch.zeros(1, a, 1, 1, 1), torch.zeros(1, a, 1, 1, 1))
+
+
+CASES = [
+    ("ok", plan_of([5, 6, 7], [1, 2, 3], [0, 1, 2], [-1, 0, -1], [[8, -1], [9, 10], [-1, -1]]), 0),
+    ("no anchors", plan_of([5, 6], [1, 2], [0, 1], [-1, -1], []), 0),
+    ("dst out of range", plan_of([5, 99], [1, 2], [0, 1], [-1, -1], []), 1),
+    ("negative src", plan_of([5, 6], [-1, 2], [0, 1], [-1, -1], []), 1),
+    ("position beyond table", plan_of([5, 6], [1, 2], [0, 40], [-1, -1], []), 1),
+    ("group beyond channel rows", plan_of([5, 6], [1, 2], [0, 1], [-1, 1], []), 1),
+    ("dev out of range", plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [[-2], [3]]), 1),
+    ("duplicate dst", plan_of([5, 5, 6], [1, 2, 3], [0, 1, 2], [-1, -1, -1], []), 1),
+    ("dst overlaps src", plan_of([5, 6], [6, 2], [0, 1], [-1, -1], []), 1),
+    ("dst overlaps dev", plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [[-1], [5]]), 1),
+]
+
+
+@pytest.mark.parametrize("name,plan,expected", CASES, ids=[c[0] for c in CASES])
+def test_count_violations(name, plan, expected):
+    got = count_violations(plan.to(DEVICE), num_slots=32, num_positions=16, num_groups=1)
+    assert int(got) == expected
