@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ import torch  # noqa: E402
 from kvcomm_sglang.estimator import (entropy_gate, placeholder_distances,  # noqa: E402
                                      prefix_distances, softmax_weights)
 from kvcomm_sglang.kernels import MaterializePlan, TensorKVPool, check_plan  # noqa: E402
+from kvcomm_sglang.kernels.plan import from_reuse_plan  # noqa: E402
+from kvcomm_sglang.planner import PiecePlan  # noqa: E402
 from kvcomm_sglang.kernels.distances import (anchor_distances,  # noqa: E402
                                              anchor_distances_reference)
 from kvcomm_sglang.kernels.reference import _weights, materialize_reference  # noqa: E402
@@ -245,21 +248,50 @@ def weights_step(pieces):
             for bk, bv, ek, ev in pieces]
 
 
-def reuse_plan(cfg, weights, a, device):
-    """Plan of the whole prompt: content piece i (token weights), then template piece i (group i)."""
-    template = cfg["template"]
-    groups, token_wk, token_wv = [], [], []
-    for i, (wk, wv, _, _) in enumerate(weights):
-        fill = torch.zeros(template, a, device=device)
-        token_wk += [wk, fill]
-        token_wv += [wv, fill]
-        groups += [torch.full((wk.shape[0],), -1, device=device),
-                   torch.full((template,), i, device=device)]
-    chan_k = torch.stack([w[2] for w in weights])
-    chan_v = torch.stack([w[3] for w in weights])
-    n = sum(len(g) for g in groups)
-    return make_plan(cfg, n, a, device, None, torch.cat(groups),
-                     (torch.cat(token_wk), torch.cat(token_wv)), (chan_k, chan_v))
+class _Block:
+    """A stored block as the server holds it: pool slots (host copy), position-0 frame."""
+
+    def __init__(self, slots):
+        self.slots_cpu, self.length = slots, len(slots)
+        self.positions = torch.zeros(len(slots), dtype=torch.long)
+
+
+def reuse_pieces(cfg, a):
+    """The prompt as the server's planner hands it to ``from_reuse_plan``: content piece i, then
+    template piece i, each with a anchors whose deviations sit in their own pool slots."""
+    total = sum(cfg["content"]) + cfg["template"] * len(cfg["content"])
+    pieces, start, slot = [], 0, total + 1        # dst slots are 1..total; the rest above them
+    for t in cfg["content"]:
+        for kind, n in (("content", t), ("template", cfg["template"])):
+            anchors = []
+            for _ in range(a):
+                dev = _Block(torch.arange(slot, slot + n))
+                slot += n
+                anchors.append(SimpleNamespace(deviations={"c": SimpleNamespace(content=dev,
+                                                                                template=dev)}))
+            pieces.append(PiecePlan(kind, "user_question", _Block(torch.arange(slot, slot + n)),
+                                    start, anchors))
+            slot, start = slot + n, start + n
+    return pieces
+
+
+def _slots_of(source):
+    if isinstance(source, tuple):
+        anchor, consumer, kind = source
+        source = getattr(anchor.deviations[consumer], kind)
+    return source.slots_cpu
+
+
+def reuse_plan(cfg, pieces, weights, device):
+    """What a request does after planning: attach the weights, flatten with the product's
+    ``from_reuse_plan`` (host-built index columns, one copy)."""
+    for i, (wk, wv, ck, cv) in enumerate(weights):
+        pieces[2 * i].weights_k, pieces[2 * i].weights_v = wk.t(), wv.t()
+        pieces[2 * i + 1].weights_k, pieces[2 * i + 1].weights_v = ck, cv
+    n = sum(p.source.length for p in pieces)
+    dst = torch.arange(1, n + 1, device=device)
+    return from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, _slots_of,
+                           cfg["layers"], cfg["heads"], cfg["head_dim"])
 
 
 def distance_inputs(cfg, a, device):
@@ -323,8 +355,10 @@ def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows):
     for plan_a in cfg["plan_anchors"]:
         nbytes = materialize_bytes(cfg, n, plan_a, pool.k_buffer[0].element_size())
 
+        plan_pieces = reuse_pieces(cfg, plan_a)
+
         def request():
-            plan = reuse_plan(cfg, request_weights(cached, plan_a), plan_a, device)
+            plan = reuse_plan(cfg, plan_pieces, request_weights(cached, plan_a), device)
             materialize_triton(plan, pool, cos_sin)
 
         rows.append(row("reuse-path", "torch+triton", n, plan_a, timer(request), nbytes,

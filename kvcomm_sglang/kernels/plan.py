@@ -67,41 +67,40 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
                     first_corrected_layer: int = 1) -> MaterializePlan:
     """Flatten a core ``ReusePlan`` (de-rotated storage) into a MaterializePlan.
 
-    ``slots_of(source)`` returns the (N,) pool slots holding a stored KV; sources are the pieces'
-    ``StoredKV`` and ``(anchor, consumer, "content" | "template")`` deviations. ``dst_slots``
-    covers every piece after x0, in prompt order.
+    ``slots_of(source)`` returns the (N,) pool slots holding a stored KV (best on the CPU: the
+    index columns are built there and sent in one copy); sources are the pieces' ``StoredKV``
+    and ``(anchor, consumer, "content" | "template")`` deviations. ``dst_slots`` covers every
+    piece after x0, in prompt order.
     """
     device = dst_slots.device
     num_anchors = max((len(p.anchors) for p in reuse.pieces), default=0)
-    cols = {"src": [], "pos": [], "dev": [], "twk": [], "twv": [], "group": []}
-    channel_wk, channel_wv = [], []
+    src, pos, dev, group, twk, twv, channel_wk, channel_wv = [], [], [], [], [], [], [], []
     for piece in reuse.pieces:
         n = piece.source.length
         if bool(piece.source.positions.any()):
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
-        cols["src"].append(slots_of(piece.source).to(device))
-        cols["pos"].append(torch.arange(piece.start, piece.start + n, device=device))
-        dev = torch.full((n, num_anchors), -1, dtype=torch.long, device=device)
-        twk = torch.zeros(n, num_anchors, device=device)
-        twv = torch.zeros(n, num_anchors, device=device)
+        src.append(slots_of(piece.source).cpu())
+        pos.append(torch.arange(piece.start, piece.start + n))
+        rows = torch.full((n, num_anchors), -1, dtype=torch.long)
         for a, anchor in enumerate(piece.anchors):
-            dev[:, a] = slots_of((anchor, reuse.consumer, piece.kind)).to(device)[:n]
-        group = torch.full((n,), -1, dtype=torch.long, device=device)
-        if piece.kind == "content" and piece.anchors:
-            twk[:, : len(piece.anchors)] = piece.weights_k[:, :n].T.to(device)
-            twv[:, : len(piece.anchors)] = piece.weights_v[:, :n].T.to(device)
-        elif piece.anchors:
-            group[:] = len(channel_wk)
+            rows[:, a] = slots_of((anchor, reuse.consumer, piece.kind)).cpu()[:n]
+        dev.append(rows)
+        content = piece.kind == "content" and bool(piece.anchors)
+        group.append(torch.full((n,), len(channel_wk) if piece.anchors and not content else -1))
+        for out, w in ((twk, piece.weights_k), (twv, piece.weights_v)):
+            out.append(_pad_anchors(w[:, :n], num_anchors).T.to(device) if content else
+                       torch.zeros(n, num_anchors, device=device))
+        if piece.anchors and not content:
             channel_wk.append(_pad_anchors(piece.weights_k, num_anchors).to(device))
             channel_wv.append(_pad_anchors(piece.weights_v, num_anchors).to(device))
-        cols["dev"].append(dev)
-        cols["twk"].append(twk)
-        cols["twv"].append(twv)
-        cols["group"].append(group)
+    n = sum(len(t) for t in src)
+    columns = torch.cat([torch.cat(src), torch.cat(pos), torch.cat(group),
+                         torch.cat(dev).reshape(-1)]).to(device)     # one host-to-device copy
+    src_t, pos_t, group_t, dev_t = columns.split([n, n, n, n * num_anchors])
     empty = torch.zeros(0, num_anchors, num_layers, num_heads, head_dim, device=device)
     return MaterializePlan(
-        dst_slots, torch.cat(cols["src"]), torch.cat(cols["pos"]), torch.cat(cols["dev"]),
-        torch.cat(cols["twk"]).float(), torch.cat(cols["twv"]).float(), torch.cat(cols["group"]),
+        dst_slots, src_t, pos_t, dev_t.view(n, num_anchors), torch.cat(twk).float(),
+        torch.cat(twv).float(), group_t,
         torch.stack(channel_wk).float() if channel_wk else empty,
         torch.stack(channel_wv).float() if channel_wv else empty.clone(),
         first_corrected_layer, is_neox)

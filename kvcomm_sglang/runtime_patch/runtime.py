@@ -303,7 +303,7 @@ def _slots_of(source) -> torch.Tensor:
         source = deviation.content if kind == "content" else deviation.template
     if not isinstance(source, PoolKV):
         raise TypeError(f"stored block {type(source).__name__} does not live in the pool")
-    return source.slots
+    return source.slots_cpu
 
 
 def _select_rows(plan: MaterializePlan, rows: torch.Tensor, dst: torch.Tensor) -> MaterializePlan:

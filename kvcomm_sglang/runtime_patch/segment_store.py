@@ -22,7 +22,8 @@ class PoolKV:
     """A stored block living in pool slots. ``k``/``v`` gather (L, N, H, D) on demand."""
 
     def __init__(self, store: "SegmentStore", slots: torch.Tensor, positions: torch.Tensor):
-        self.store, self.slots, self.positions = store, slots, positions
+        self.store, self.slots, self.positions = store, slots, positions.cpu()
+        self.slots_cpu = slots.cpu()      # plans are built on the host: no sync per request
         self.freed = False
 
     @property
@@ -64,7 +65,7 @@ class SegmentStore:
         for layer, (kb, vb) in enumerate(zip(self.pool.k_buffer, self.pool.v_buffer)):
             kb[slots] = k[layer].to(device=self.device, dtype=self.dtype)
             vb[slots] = v[layer].to(device=self.device, dtype=self.dtype)
-        return PoolKV(self, slots, positions.to(self.device))
+        return PoolKV(self, slots, positions)
 
     def alloc(self, n: int) -> torch.Tensor:
         if self.tokens + n > self.max_tokens:
