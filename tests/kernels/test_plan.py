@@ -48,7 +48,8 @@ def test_check_plan_reads_the_device_once(n_tokens, n_anchors):
                 check_plan(plan, pool, cos_sin)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [f"{w.filename}:{w.lineno}: {w.message}" for w in syncs]
 
 
 def test_check_plan_empty_plan_reads_nothing():
