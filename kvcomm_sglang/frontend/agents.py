@@ -130,11 +130,14 @@ class AgentGraph:
         position = {a.name: i for i, a in enumerate(self.order())}
         for match in PLACEHOLDER_RE.finditer(agent.instruction):
             try:
-                owner, _, kind = parse_placeholder(match.group(1))
+                family, owner, kind = parse_placeholder(match.group(1))
             except ValueError as exc:
                 raise ValueError(f"agent {agent.name!r}: {exc}") from None
-            if owner in ("user_question",):
+            if family == "user_question":
                 continue
+            if family == "condition":
+                raise ValueError(f"agent {agent.name!r}: {{{match.group(1)}}}: AgentGraph fills "
+                                 "only user_question and agent_<name>_current|history")
             if owner not in names:
                 raise ValueError(f"agent {agent.name!r}: placeholder {{{match.group(1)}}} names "
                                  f"no agent (agents: {names}); rename it or add Agent({owner!r}, ...)")
@@ -180,7 +183,7 @@ def _fill(template: str, question: str, current: dict, previous: dict) -> str:
         name = match.group(1)
         if name == "user_question":
             return question
-        owner, _, kind = parse_placeholder(name)
+        _, owner, kind = parse_placeholder(name)
         return (current if kind == "current" else previous).get(owner, NO_ANSWER)
     return PLACEHOLDER_RE.sub(value, template)
 

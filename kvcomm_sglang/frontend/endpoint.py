@@ -34,7 +34,7 @@ class KVCommEndpoint(RuntimeEndpoint):
         base_url = base_url.rstrip("/")
         try:
             super().__init__(base_url, api_key, verify, chat_template_name)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, OSError):     # http_request raises urllib's URLError
             raise ConnectionError(f"no SGLang server answers at {base_url}; {SERVE_FIX}") from None
         self.support_concate_and_append = False     # /concate_and_append_request is gone
         self.timeout = timeout
