@@ -75,34 +75,40 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     device = dst_slots.device
     num_anchors = max((len(p.anchors) for p in reuse.pieces), default=0)
     src, pos, dev, group, twk, twv, channel_wk, channel_wv = [], [], [], [], [], [], [], []
+    zeros = None
     for piece in reuse.pieces:
         n = piece.source.length
         if bool(piece.source.positions.any()):
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
         src.append(slots_of(piece.source).cpu())
         pos.append(torch.arange(piece.start, piece.start + n))
-        rows = torch.full((n, num_anchors), -1, dtype=torch.long)
-        for a, anchor in enumerate(piece.anchors):
-            rows[:, a] = slots_of((anchor, reuse.consumer, piece.kind)).cpu()[:n]
-        dev.append(rows)
+        rows = [slots_of((anchor, reuse.consumer, piece.kind)).cpu()[:n] for anchor in piece.anchors]
+        rows += [torch.full((n,), -1, dtype=torch.long)] * (num_anchors - len(rows))
+        dev.append(torch.stack(rows, dim=1) if rows else torch.empty(n, 0, dtype=torch.long))
         content = piece.kind == "content" and bool(piece.anchors)
         group.append(torch.full((n,), len(channel_wk) if piece.anchors and not content else -1))
-        for out, w in ((twk, piece.weights_k), (twv, piece.weights_v)):
-            out.append(_pad_anchors(w[:, :n], num_anchors).T.to(device) if content else
-                       torch.zeros(n, num_anchors, device=device))
+        if content:
+            pad = (0, num_anchors - len(piece.anchors))
+            twk.append(torch.nn.functional.pad(piece.weights_k[:, :n].T, pad))
+            twv.append(torch.nn.functional.pad(piece.weights_v[:, :n].T, pad))
+        else:
+            if zeros is None or zeros.shape[0] < n:
+                zeros = torch.zeros(max(n, 4096), num_anchors, device=device)
+            twk.append(zeros[:n])
+            twv.append(zeros[:n])
         if piece.anchors and not content:
-            channel_wk.append(_pad_anchors(piece.weights_k, num_anchors).to(device))
-            channel_wv.append(_pad_anchors(piece.weights_v, num_anchors).to(device))
+            channel_wk.append(_pad_anchors(piece.weights_k, num_anchors))
+            channel_wv.append(_pad_anchors(piece.weights_v, num_anchors))
     n = sum(len(t) for t in src)
     columns = torch.cat([torch.cat(src), torch.cat(pos), torch.cat(group),
                          torch.cat(dev).reshape(-1)]).to(device)     # one host-to-device copy
     src_t, pos_t, group_t, dev_t = columns.split([n, n, n, n * num_anchors])
     empty = torch.zeros(0, num_anchors, num_layers, num_heads, head_dim, device=device)
     return MaterializePlan(
-        dst_slots, src_t, pos_t, dev_t.view(n, num_anchors), torch.cat(twk).float(),
-        torch.cat(twv).float(), group_t,
-        torch.stack(channel_wk).float() if channel_wk else empty,
-        torch.stack(channel_wv).float() if channel_wv else empty.clone(),
+        dst_slots, src_t, pos_t, dev_t.view(n, num_anchors), torch.cat(twk).to(device).float(),
+        torch.cat(twv).to(device).float(), group_t,
+        torch.stack(channel_wk).to(device).float() if channel_wk else empty,
+        torch.stack(channel_wv).to(device).float() if channel_wv else empty.clone(),
         first_corrected_layer, is_neox)
 
 

@@ -48,7 +48,7 @@ def test_check_plan_reads_the_device_once(n_tokens, n_anchors):
                 check_plan(plan, pool, cos_sin)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
         assert len(syncs) == 1, [f"{w.filename}:{w.lineno}: {w.message}" for w in syncs]
 
 
