@@ -69,7 +69,7 @@ class KVCommEndpoint(RuntimeEndpoint):
         if wf.mode == "kvcomm":
             self._check_backend()
         self._add_arguments(wf, arguments or {}, text)
-        found = segment(text, wf.messages.values(), wf.min_message_chars)
+        found = segment(text, wf.candidates(), wf.min_message_chars)
         role = wf.role_of(found.prefix)
         ids = self._assemble(found)
         call = {"role": role, "ids": ids, "agent": f"{role}", "layout": None, "reason": None}
@@ -142,10 +142,8 @@ class KVCommEndpoint(RuntimeEndpoint):
         text, ids = self._trim(text, out_ids, meta, max_new)
         message = None
         if ids is not None and len(text) >= wf.min_message_chars:
-            with wf.lock:
-                message = Message(capture_id, text, tuple(ids), call["role"],
-                                  f"agent_{call['role']}_current", wf.next_seq())
-                wf.messages[text] = message
+            message = wf.add_message(text, ids, call["role"], f"agent_{call['role']}_current",
+                                     message_id=capture_id)
         record = _record(call, ttft, meta, wf.mode, text, message)
         with wf.lock:
             wf.calls.append(record)

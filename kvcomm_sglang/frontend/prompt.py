@@ -39,19 +39,23 @@ class Unexpressible(ValueError):
 
 
 def segment(text: str, messages, min_chars: int = 12) -> Segmented:
-    """Cut ``text`` at non-overlapping occurrences of ``messages`` (longest first). Occurrences
-    that touch another one, or end the prompt (the last piece must be template text), are left
-    as template text."""
+    """Cut ``text`` at non-overlapping occurrences of ``messages`` (longest first). Several
+    messages with the same text (two agents said the same) fill its occurrences oldest first.
+    Occurrences that touch another one, or end the prompt (the last piece must be template
+    text), are left as template text."""
+    by_text: dict[str, list[Message]] = {}
+    for message in sorted(messages, key=lambda m: m.seq):
+        if len(message.text) >= min_chars:
+            by_text.setdefault(message.text, []).append(message)
     spans: list[tuple[int, int, Message]] = []
-    for message in sorted(messages, key=lambda m: (-len(m.text), m.seq)):
-        if len(message.text) < min_chars:
-            continue
-        start = text.find(message.text)
+    for body in sorted(by_text, key=len, reverse=True):
+        same, start = by_text[body], text.find(body)
         while start >= 0:
-            end = start + len(message.text)
+            end = start + len(body)
             if end < len(text) and all(end < s or start > e for s, e, _ in spans):
-                spans.append((start, end, message))
-            start = text.find(message.text, end)
+                used = sum(1 for _, _, m in spans if m.text == body)
+                spans.append((start, end, same[min(used, len(same) - 1)]))
+            start = text.find(body, end)
     spans.sort(key=lambda span: span[0])
     texts, found, pos = [], [], 0
     for start, end, message in spans:

@@ -47,7 +47,8 @@ class Workflow:
     mode: str = "kvcomm"
     min_message_chars: int = 12
     shared_args: tuple[str, ...] = SHARED_ARGS     # program kwargs that are shared content
-    messages: dict[str, Message] = field(default_factory=dict)    # text -> message
+    messages: dict[str, Message] = field(default_factory=dict)    # text -> newest message
+    produced: list[Message] = field(default_factory=list)         # every generated message
     roles: dict[str, int] = field(default_factory=dict)           # prompt prefix -> role index
     shapes: dict[tuple, str] = field(default_factory=dict)        # (role, shape) -> agent id
     sent_bases: set[str] = field(default_factory=set)
@@ -85,12 +86,19 @@ class Workflow:
             return self.shapes[key], True
 
     def add_message(self, text: str, ids, role: int | None, placeholder: str,
-                    prefix: str = "m") -> Message:
+                    prefix: str = "m", message_id: str | None = None) -> Message:
         with self.lock:
             seq = self.next_seq()
-            message = Message(f"{prefix}{seq}", text, tuple(ids), role, placeholder, seq)
+            message = Message(message_id or f"{prefix}{seq}", text, tuple(ids), role, placeholder, seq)
             self.messages[text] = message
+            if role is not None:
+                self.produced.append(message)
             return message
+
+    def candidates(self) -> list[Message]:
+        """Messages a prompt may contain: program arguments and every generated message."""
+        with self.lock:
+            return [m for m in self.messages.values() if m.role is None] + list(self.produced)
 
     def argument_message(self, text: str, placeholder: str, tokenize) -> Message:
         with self.lock:

@@ -35,11 +35,13 @@ def two_role_runs(endpoint):
     with workflow("two-roles") as wf:
         for q in QUESTIONS[:NUM_QUESTIONS]:
             answer = solver.run(question=q)["answer"]
-            checker.run(question=q, answer=answer)
+            checker.run(question=q, answer=answer).sync()
     with workflow("two-roles-dense", mode="dense") as dense:
         for q in QUESTIONS[:2]:
             answer = solver.run(question=q)["answer"]
-            checker.run(question=q, answer=answer)
+            state = checker.run(question=q, answer=answer)
+            state.sync()
+            assert state.error() is None, state.error()
     return wf, dense
 
 

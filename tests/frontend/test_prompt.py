@@ -36,3 +36,10 @@ def test_placeholders_current_history_and_own():
 def test_argument_placeholders():
     assert argument_placeholder("question", True) == "user_question"
     assert argument_placeholder("passages_1", False) == "condition_passages1_current"
+
+
+def test_two_messages_with_the_same_text_fill_its_occurrences_oldest_first():
+    twin = Message("m5", A0.text, A0.ids, 1, "agent_1_current", 5)
+    found = segment(f"a {Q.text} b {A0.text} c {A0.text} d", [Q, twin, A0])
+    assert [m.id for m in found.messages] == ["u1", "m2", "m5"]
+    assert name_placeholders(found, 2) == ("user_question", "agent_0_current", "agent_1_current")
