@@ -36,10 +36,10 @@ class KVCommRadixCache(RadixCache):
             return base
         decision = self.runtime.decide(req)
         if decision is None:
-            return base
+            return self._exact_only(base, req)
         if decision.kind != "reuse":
             set_report(req, "dense", 0, decision.reason)
-            return self._exact_only(base)
+            return self._exact_only(base, req)
         tail = len(req.origin_input_ids) - 1 - len(base.device_indices)
         if tail <= 0:
             set_report(req, "reuse", 0, None)
@@ -48,8 +48,10 @@ class KVCommRadixCache(RadixCache):
         node = base.last_device_node
         return base._replace(host_hit_length=tail, best_match_node=node, last_host_node=node)
 
-    def _exact_only(self, base):
-        """Cut the match before the first approximate node on its path."""
+    def _exact_only(self, base, req):
+        """Cut the match before the first approximate node on its path. The request then
+        computes those tokens itself; it is kept out of the tree (``skip_radix_cache_insert``)
+        so that insertion never swaps its exact KV for the approximate copy mid-decode."""
         path, node = [], base.last_device_node
         while node is not None and node is not self.root_node:
             path.append(node)
@@ -60,6 +62,7 @@ class KVCommRadixCache(RadixCache):
         cut = path[approx[-1]]                      # the approximate node closest to the root
         keep = len(base.device_indices) - sum(len(n.key) for n in path[: approx[-1] + 1])
         parent = cut.parent
+        req.skip_radix_cache_insert = True
         return base._replace(device_indices=base.device_indices[:keep], last_device_node=parent,
                              last_host_node=parent, best_match_node=parent)
 
