@@ -1,0 +1,84 @@
+"""KVCommRadixCache on real SGLang 0.5.17 CPU pools, no server: exactness hygiene and store
+accounting (reference/sglang-on-cpu.md §3.1 recipe)."""
+
+import types
+
+import pytest
+import torch
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from kvcomm_sglang.runtime_patch.radix_cache import KVCommRadixCache
+from kvcomm_sglang.config import KVCommConfig
+from kvcomm_sglang.rope import RopeSpec
+from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime
+from kvcomm_sglang.runtime_patch.segment_store import StoreFull
+
+
+@pytest.fixture
+def cache():
+    pool = MHATokenToKVPool(size=64, page_size=1, dtype=torch.float32, head_num=2, head_dim=8,
+                            layer_num=2, device="cpu", enable_memory_saver=False,
+                            enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(size=64, dtype=torch.float32, device="cpu", kvcache=pool,
+                                       need_sort=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 32, "cpu", False),
+                             token_to_kv_pool_allocator=allocator, page_size=1)
+    config = KVCommConfig(store_budget_fraction=0.25)               # 16 of 64 slots
+    return KVCommRadixCache(params, lambda c: KVCommRuntime(
+        config, RopeSpec.build(8, 10000.0), pool, allocator, 64,
+        c.req_to_token_pool.req_to_token, make_room=c.make_room))
+
+
+def plain_req():
+    return types.SimpleNamespace(rid="r", extra_key="kvcomm:x",
+                                 sampling_params=types.SimpleNamespace(custom_params=None))
+
+
+def insert(cache, tokens):
+    slots = cache.token_to_kv_pool_allocator.alloc(len(tokens))
+    cache.insert(InsertParams(key=RadixKey(list(tokens), "kvcomm:x"), value=slots))
+    return slots
+
+
+def test_requests_never_match_approximate_nodes(cache):
+    insert(cache, [1, 2, 3, 4, 5, 6])
+    node = cache.match_prefix(MatchPrefixParams(key=RadixKey([1, 2, 3, 9], "kvcomm:x"))).last_device_node
+    tail = node.children[RadixKey([4], "kvcomm:x").child_key(1)]
+    tail.kvcomm_approx = True                             # [4, 5, 6] was materialized by KVCOMM
+    req = plain_req()
+    key = RadixKey([1, 2, 3, 4, 5, 6, 7], "kvcomm:x")
+    internal = cache.match_prefix(MatchPrefixParams(key=key))
+    assert len(internal.device_indices) == 6              # SGLang's own re-matches see it all
+    served = cache.match_prefix(MatchPrefixParams(key=key, req=req))
+    assert len(served.device_indices) == 3 and served.last_device_node is node
+    assert req.skip_radix_cache_insert                    # kept out of the tree: exact decode
+
+
+def test_plain_requests_match_exactly_as_radix_cache(cache):
+    insert(cache, [1, 2, 3, 4])
+    req = plain_req()
+    result = cache.match_prefix(MatchPrefixParams(key=RadixKey([1, 2, 3, 4, 5], "kvcomm:x"),
+                                                  req=req))
+    assert len(result.device_indices) == 4 and not hasattr(req, "skip_radix_cache_insert")
+
+
+def test_store_slots_are_counted_evictable_and_evicted_last(cache):
+    allocator = cache.token_to_kv_pool_allocator
+    total = allocator.available_size()
+    block = cache.runtime.store.make(torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8),
+                                     torch.zeros(5, dtype=torch.long))
+    insert(cache, [7, 8, 9])
+    assert cache.evictable_size() == 3 + 5
+    assert allocator.available_size() + cache.evictable_size() + cache.protected_size() == total
+    assert torch.allclose(block.k, cache.runtime.store.gather(cache.runtime.store.pool.k_buffer,
+                                                              block.slots))
+    cache.runtime.store.free(block)
+    assert allocator.available_size() + cache.evictable_size() == total
+    with pytest.raises(StoreFull):
+        cache.runtime.store.alloc(17)                     # over the store's 16-token budget
+    cache.evict(EvictParams(num_tokens=100))
+    assert allocator.available_size() == total
