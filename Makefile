@@ -35,9 +35,8 @@ bench-agreement: venv model      ## KVCOMM vs dense greedy agreement inside the 
 serve: venv model                ## a CPU server with the kvcomm backend on port 30000
 	$(BIN)/kvcomm-sglang serve --device cpu --port 30000
 
-# The multi-agent demo lands with the frontend issue; until then the main job is the quality
-# benchmark of the KVCOMM core on the real model.
-demo: bench-quality
+demo: venv model                 ## the main job: a 4-agent debate, dense vs KVCOMM
+	$(BIN)/python -m kvcomm_sglang.frontend.demo
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
