@@ -13,16 +13,33 @@ import sys
 
 import pytest
 import torch
+import triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_MODULES = ("kvcomm_sglang.kernels.triton_materialize", "kvcomm_sglang.kernels.distances",
                   "kvcomm_sglang.kernels.validate")
 
 
+def _interpreted_standard_library() -> None:
+    """Triton decides at decoration time whether a @triton.jit function is interpreted. When
+    something (e.g. sglang) imported triton first without TRITON_INTERPRET, its standard
+    library (tl.sum, tl.max, ...) is compiled-mode and cannot be called from interpreted
+    kernels: re-decorate it under the interpreter and rebind the names in triton.language."""
+    import triton.language as tl
+    import triton.language.standard as standard
+
+    if isinstance(tl.sum, triton.runtime.JITFunction):
+        importlib.reload(standard)
+        for name in dir(standard):
+            if not name.startswith("_") and hasattr(tl, name):
+                setattr(tl, name, getattr(standard, name))
+
+
 def _import_interpreted() -> None:
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        _interpreted_standard_library()
         for name in KERNEL_MODULES:
             if name in sys.modules:
                 importlib.reload(sys.modules[name])

@@ -68,6 +68,7 @@ class Workflow:
 
     def __init__(self, url: str, name: str, max_new_tokens: int = 32, templates=None):
         self.url, self.namespace, self.max_new_tokens = url, f"kvcomm:{name}", max_new_tokens
+        self.plain_namespace = f"plain:{name}"    # the dense comparison: same prompts, no hints
         self.templates = templates or workflow.agent_templates(render_chat, encode)
         for t in self.templates:
             self._register(t)
@@ -84,6 +85,9 @@ class Workflow:
             ids += list(piece)
         generate(self.url, ids, 1, protocol.encode(agent=template.agent, layout=layout,
                                                   template=True), self.namespace)
+        # the same prompt, plain, in the comparison namespace: both trees then cache the same
+        # prefixes, so a dense KVCOMM call and its comparison split prefill at the same token
+        generate(self.url, ids, 1, None, self.plain_namespace)
 
     def prompt(self, template, contents: dict) -> tuple[list[int], list]:
         """(input_ids, layout) for an agent given {placeholder: (message id, ids)}."""
@@ -109,7 +113,8 @@ class Workflow:
             hints = protocol.encode(agent=template.agent, layout=layout,
                                     capture=(f"{qid}.a{template.agent}", name))
             result = generate(self.url, ids, self.max_new_tokens, hints, self.namespace)
-            dense = generate(dense_url, ids, self.max_new_tokens) if dense_url else None
+            dense = generate(dense_url, ids, self.max_new_tokens,
+                             namespace=self.plain_namespace) if dense_url else None
             out.append((template.agent, result, dense, len(ids)))
             contents[name] = (f"{qid}.a{template.agent}", result.output_ids[:-1])
         return out
