@@ -5,7 +5,8 @@ Workload (the paper's TTFT benchmark, scaled to a CPU): 4 fully connected agents
 system prefix per agent; a ~700-token user input of random Δ/Ω symbols; 96-token agent outputs
 (ignore_eos, as the paper forces its output length); the last agent's prompt is > 1K tokens.
 Dense: the same prompts as plain requests (no hints). KVCOMM: the `kvcomm` backend with its
-default config (entropy gate on). TTFT = time to the first streamed token at the client.
+gate disabled by default (gamma 1.0, as the paper's timing script); ``--gamma 0.3`` turns it on.
+TTFT = time to the first streamed token at the client.
 Medians over the measured workflows, after warm-up workflows that fill the anchor pools.
 """
 
@@ -45,8 +46,13 @@ def templates():
     return out
 
 
-def task(rng: random.Random, symbols: int) -> str:
-    return " ".join(rng.choice("ΔΩ") for _ in range(symbols))
+def task(rng: random.Random, tokens: int) -> list[int]:
+    """A user input of exactly ``tokens`` token ids of random Δ/Ω symbols (the paper fixes the
+    input length; equal lengths keep every question length-compatible with the anchors)."""
+    ids = encode(" ".join(rng.choice("ΔΩ") for _ in range(tokens)))
+    if len(ids) < tokens:
+        raise ValueError(f"{tokens} symbols gave only {len(ids)} tokens")
+    return ids[:tokens]
 
 
 def stream(url: str, ids, new_tokens: int, hints=None, namespace=None):
@@ -60,7 +66,7 @@ def stream(url: str, ids, new_tokens: int, hints=None, namespace=None):
     start, ttft, last = time.perf_counter(), None, None
     with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as resp:
         resp.raise_for_status()
-        for line in resp.iter_lines():
+        for line in resp.iter_lines(chunk_size=None):      # as each event arrives, unbuffered
             if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                 continue
             if ttft is None:
@@ -121,13 +127,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--symbols", type=int, default=350)
+    parser.add_argument("--input-tokens", type=int, default=700)
+    parser.add_argument("--gamma", type=float, default=1.0,
+                        help="entropy gate threshold (the paper's timing run used 1.0: disabled)")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--out", default="bench-results/ttft_cpu.json")
     parser.add_argument("--url", help="an already running kvcomm server (else one is started)")
     args = parser.parse_args(argv)
     temps, rng = templates(), random.Random(0)
-    server = None if args.url else ServerProcess(["--device", "cpu"])
+    env = {"KVCOMM_CONFIG": json.dumps({"gamma": args.gamma})}
+    server = None if args.url else ServerProcess(["--device", "cpu"], env=env)
     if server:
         server.__enter__()
     url = args.url or server.url
@@ -137,7 +146,7 @@ def main(argv=None):
         rows = {i: {"dense": [], "kvcomm": [], "reused": 0, "prompt": []} for i in range(NUM_AGENTS)}
         bases = []
         for r in range(args.warmup + args.repeats):
-            q = encode(task(rng, args.symbols))
+            q = task(rng, args.input_tokens)
             dense, _ = run_workflow(url, temps, q, args.new_tokens, False, f"d{r}", None)
             kv, base_s = run_workflow(url, temps, q, args.new_tokens, True, f"k{r}", namespace)
             print(f"workflow {r + 1}/{args.warmup + args.repeats}: " + " ".join(
@@ -160,6 +169,7 @@ def main(argv=None):
                "speedup": statistics.median(v["dense"]) / statistics.median(v["kvcomm"]),
                "reused_calls": v["reused"], "calls": len(v["kvcomm"])} for i, v in rows.items()]
     result = {"device": "CPU (2 cores), SGLang 0.5.17 torch_native, SmolLM2-135M-Instruct bf16",
+              "gamma": args.gamma, "input_tokens": args.input_tokens, "new_tokens": args.new_tokens,
               "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats,
               "question_base_s_median": statistics.median(bases), "agents": agents}
     out = pathlib.Path(args.out)
