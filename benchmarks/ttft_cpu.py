@@ -29,7 +29,7 @@ from kvcomm_sglang import protocol  # noqa: E402
 from kvcomm_sglang.runtime_patch.process import ServerProcess  # noqa: E402
 from kvcomm_sglang.segments import split_template  # noqa: E402
 from tests.harness.workflow import AgentTemplate  # noqa: E402
-from tests.server.workflow_client import encode, render_chat  # noqa: E402
+from tests.server.workflow_client import encode, prompt, render_chat, template_pass  # noqa: E402
 
 NUM_AGENTS = 4
 
@@ -90,12 +90,7 @@ def run_workflow(url, temps, question_ids, new_tokens, kvcomm, qid, namespace):
         base_s = 0.0
     contents["user_question"] = (f"{qid}.q", question_ids)
     for t in temps:
-        ids, layout = list(t.text_ids[0]), [protocol.Piece("template", len(t.text_ids[0]))]
-        for name, piece in zip(t.placeholders, t.text_ids[1:]):
-            message, content = contents[name]
-            layout += [protocol.Piece("content", len(content), name, message),
-                       protocol.Piece("template", len(piece))]
-            ids += list(content) + list(piece)
+        ids, layout = prompt(t, contents)
         name = f"agent_{t.agent}_current"
         hints = protocol.encode(agent=t.agent, layout=layout, capture=(f"{qid}.a{t.agent}", name)) \
             if kvcomm else None
@@ -107,18 +102,8 @@ def run_workflow(url, temps, question_ids, new_tokens, kvcomm, qid, namespace):
 
 
 def register_templates(url, temps, namespace):
-    from tests.harness.workflow import stand_in_text
-
     for t in temps:
-        ids, layout = [], []
-        for i, piece in enumerate(t.text_ids):
-            if i:
-                standin = encode(stand_in_text(t.placeholders[i - 1]))
-                layout.append(protocol.Piece("content", len(standin), t.placeholders[i - 1],
-                                             "standin"))
-                ids += standin
-            layout.append(protocol.Piece("template", len(piece)))
-            ids += list(piece)
+        ids, layout = template_pass(t)
         stream(url, ids, 1, protocol.encode(agent=t.agent, layout=layout, template=True),
                namespace)
 

@@ -63,6 +63,31 @@ def generate(url: str, input_ids, max_new_tokens: int, hints: dict | None = None
     return Result(list(out["output_ids"]), out["meta_info"], elapsed)
 
 
+def template_pass(template) -> tuple[list[int], list]:
+    """(input_ids, layout) of an agent's template pass: stand-in text for each placeholder."""
+    ids, layout = [], []
+    for i, piece in enumerate(template.text_ids):
+        if i:
+            name = template.placeholders[i - 1]
+            standin = encode(workflow.stand_in_text(name))
+            layout.append(protocol.Piece("content", len(standin), name, "standin"))
+            ids += standin
+        layout.append(protocol.Piece("template", len(piece)))
+        ids += list(piece)
+    return ids, layout
+
+
+def prompt(template, contents: dict) -> tuple[list[int], list]:
+    """(input_ids, layout) for an agent given {placeholder: (message id, ids)}."""
+    ids, layout = list(template.text_ids[0]), [protocol.Piece("template", len(template.text_ids[0]))]
+    for name, piece in zip(template.placeholders, template.text_ids[1:]):
+        message, content = contents[name]
+        layout += [protocol.Piece("content", len(content), name, message),
+                   protocol.Piece("template", len(piece))]
+        ids += list(content) + list(piece)
+    return ids, layout
+
+
 class Workflow:
     """One workflow namespace on a KVCOMM server: templates registered once, then questions."""
 
@@ -74,30 +99,12 @@ class Workflow:
             self._register(t)
 
     def _register(self, template) -> None:
-        ids, layout = [], []
-        for i, piece in enumerate(template.text_ids):
-            if i:
-                standin = encode(workflow.stand_in_text(template.placeholders[i - 1]))
-                layout.append(protocol.Piece("content", len(standin), template.placeholders[i - 1],
-                                             "standin"))
-                ids += standin
-            layout.append(protocol.Piece("template", len(piece)))
-            ids += list(piece)
+        ids, layout = template_pass(template)
         generate(self.url, ids, 1, protocol.encode(agent=template.agent, layout=layout,
                                                   template=True), self.namespace)
         # the same prompt, plain, in the comparison namespace: both trees then cache the same
         # prefixes, so a dense KVCOMM call and its comparison split prefill at the same token
         generate(self.url, ids, 1, None, self.plain_namespace)
-
-    def prompt(self, template, contents: dict) -> tuple[list[int], list]:
-        """(input_ids, layout) for an agent given {placeholder: (message id, ids)}."""
-        ids, layout = list(template.text_ids[0]), [protocol.Piece("template", len(template.text_ids[0]))]
-        for name, piece in zip(template.placeholders, template.text_ids[1:]):
-            message, content = contents[name]
-            layout += [protocol.Piece("content", len(content), name, message),
-                       protocol.Piece("template", len(piece))]
-            ids += list(content) + list(piece)
-        return ids, layout
 
     def run(self, qid: str, question: str, dense_url: str | None = None):
         """Agents in order; returns [(agent, Result kvcomm, Result dense | None)]."""
@@ -108,7 +115,7 @@ class Workflow:
         contents = {"user_question": (message, base.content_ids)}
         out = []
         for template in self.templates:
-            ids, layout = self.prompt(template, contents)
+            ids, layout = prompt(template, contents)
             name = f"agent_{template.agent}_current"
             hints = protocol.encode(agent=template.agent, layout=layout,
                                     capture=(f"{qid}.a{template.agent}", name))
