@@ -118,10 +118,14 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--out", default="bench-results/ttft_cpu.json")
     parser.add_argument("--url", help="an already running kvcomm server (else one is started)")
+    parser.add_argument("--max-total-tokens", type=int, default=60000,
+                        help="KV pool of the started server: the store holds every consumer's "
+                             "deviations of ~1K-token inputs (the CPU default of 20000 is too small)")
     args = parser.parse_args(argv)
     temps, rng = templates(), random.Random(0)
     env = {"KVCOMM_CONFIG": json.dumps({"gamma": args.gamma})}
-    server = None if args.url else ServerProcess(["--device", "cpu"], env=env)
+    server = None if args.url else ServerProcess(
+        ["--device", "cpu", "--max-total-tokens", str(args.max_total_tokens)], env=env)
     if server:
         server.__enter__()
     url = args.url or server.url
