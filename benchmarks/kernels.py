@@ -19,6 +19,7 @@ host_syncs (synchronizing CUDA calls in one call, from torch's sync debug mode; 
                        distances row (the same work, the same timing) in the reuse-path breakdown
     reuse-path         what a request waits for: softmax of the cached distances of the first
                        `anchors` anchors, plan flattening, Triton materialize (with check_plan)
+    plan-flatten       ``from_reuse_plan`` alone (host-built index columns, one copy)
     entropy-gate       the predict-as-anchor gate on one piece (torch)
 """
 
@@ -345,7 +346,7 @@ def request_weights(cached, a):
              softmax_weights(d.pf_k[:a]), softmax_weights(d.pf_v[:a])) for d in cached]
 
 
-def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows):
+def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):
     device, dtype, a = pool.k_buffer[0].device, pool.k_buffer[0].dtype, cfg["match_anchors"]
     pieces = matching_inputs(cfg, a, dtype, device)
     read = 2 * sum(p.numel() * p.element_size() for piece in pieces for p in piece)
@@ -363,6 +364,23 @@ def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows):
 
         rows.append(row("reuse-path", "torch+triton", n, plan_a, timer(request), nbytes,
                         timer.copy_ms(nbytes), host_syncs=count_syncs(request)))
+        weights = request_weights(cached, plan_a)
+
+        def flatten():      # the part of the request spent on the host: plan flattening
+            return reuse_plan(cfg, plan_pieces, weights, device)
+
+        rows.append(row("plan-flatten", "torch", n, plan_a, timer(flatten), 0, None,
+                        host_syncs=count_syncs(flatten)))
+        if profile and plan_a == cfg["plan_anchors"][0]:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                                   if device.type == "cuda" else [])
+            with torch_profile(activities=activities) as prof:
+                for _ in range(5):
+                    request()
+                timer.sync()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     _, bv, _, ev = pieces[-1]
     gate_bytes = (a + 1) * bv.numel() * bv.element_size()
     ms = timer(lambda: entropy_gate(bv, list(ev.unbind(0)), gamma=0.3))
@@ -392,6 +410,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--flashinfer-wheel-dir", default=None)
     parser.add_argument("--skip-torch", action="store_true", help="skip the torch reference rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top ops of the reuse path (first plan_anchors)")
     parser.add_argument("--sweep-blocks", action="store_true",
                         help="also time Triton tile sizes (materialize BLOCK_N, distances BLOCK_T, "
                              "x num_warps) on the largest shapes")
@@ -432,7 +452,7 @@ def main(argv=None):
     if args.sweep_blocks:
         sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
     cached = bench_distances(cfg, timer, pool, rows)
-    bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows)
+    bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, args.profile)
     print_table(rows)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"

@@ -80,15 +80,26 @@ def entropy_gate(candidate_v: torch.Tensor, anchor_vs: list[torch.Tensor], gamma
     softmax(-||V - V_a[:T]||_F / tau) exceeds gamma.
     """
     t = candidate_v.shape[1]
-    if len(anchor_vs) < min_anchors:
-        return GateResult(True, "too_few_anchors")
     available = tuple(i for i, a in enumerate(anchor_vs) if a.shape[1] >= t)
-    if len(available) < min_anchors:
-        return GateResult(True, "too_few_anchors", available=available)
+    if len(anchor_vs) < min_anchors or len(available) < min_anchors:
+        return gate_from_distances(None, len(anchor_vs), available, gamma, top_p, credit,
+                                   min_anchors, temperature)
     stacked = torch.stack([anchor_vs[i][:, :t] for i in available])
     diff = _diff(candidate_v.unsqueeze(0), stacked, dtype)
     dist = torch.linalg.vector_norm(diff.flatten(1), dim=1).to(torch.float32)
-    probs = torch.softmax(-dist / temperature, dim=0).double()
+    return gate_from_distances(dist, len(anchor_vs), available, gamma, top_p, credit,
+                               min_anchors, temperature)
+
+
+def gate_from_distances(dist: torch.Tensor | None, num_anchors: int, available: tuple[int, ...],
+                        gamma: float, top_p: float = 0.9, credit: str = "nucleus",
+                        min_anchors: int = 2, temperature: float = 1.0) -> GateResult:
+    """The gate's decision from the Frobenius V distances ``dist`` (one per ``available`` anchor,
+    those at least T long, out of ``num_anchors``); ``entropy_gate`` computes them itself."""
+    if num_anchors < min_anchors or len(available) < min_anchors:
+        return GateResult(True, "too_few_anchors",
+                          available=available if num_anchors >= min_anchors else ())
+    probs = torch.softmax(-dist.to(torch.float32) / temperature, dim=0).double().cpu()
     entropy = float(-(probs * torch.log2(probs + ENTROPY_EPS)).sum()) / math.log2(len(available))
     plist = tuple(float(p) for p in probs)
     if entropy > gamma:

@@ -14,8 +14,8 @@ import torch
 from kvcomm_sglang.anchors import AnchorRegistry, Deviation
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kvblock import StoredKV
-from kvcomm_sglang.estimator import (GateResult, entropy_gate, placeholder_distances,
-                                     prefix_distances, softmax_weights)
+from kvcomm_sglang.estimator import (GateResult, _diff, entropy_gate, gate_from_distances,
+                                     placeholder_distances, prefix_distances, softmax_weights)
 from kvcomm_sglang.rope import RopeSpec, rotate
 from kvcomm_sglang.segments import PromptLayout, segment_key
 
@@ -34,7 +34,38 @@ class Content:
     placeholder: str
     token_ids: tuple[int, ...]
     kv: StoredKV
-    gate: GateResult
+    gate: GateResult = None
+    # de-rotated storage only: distances to anchors (anchor key -> Match), computed once (at
+    # capture for the anchors then in the pool, at the first plan for later ones), and the
+    # softmax weights per anchor set; a request then only selects rows
+    matches: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+
+
+@dataclass
+class Match:
+    """Distances of a content (T tokens) to one anchor: what the weights come from (spec §4.2)."""
+
+    ph_k: torch.Tensor        # (T,) head-aligned mean |diff| of K
+    ph_v: torch.Tensor        # (T,)
+    pf_k: torch.Tensor        # (L, H, D) tail-aligned L2 of K over tokens
+    pf_v: torch.Tensor        # (L, H, D)
+    gate_v: torch.Tensor      # () Frobenius distance of V, head-aligned (spec §5.1)
+
+
+def reference_match(kv: StoredKV, embs: list, dtype: str = "float32"):
+    """Distances of stored block ``kv`` (T tokens) to anchor embeddings ``embs`` (each >= T long):
+    ph_k, ph_v (A, T), pf_k, pf_v (A, L, H, D), gate_v (A,). The meaning of every matcher
+    (``kernels.distances.anchor_distances`` computes the same from pool slots)."""
+    t, k, v = kv.length, kv.k, kv.v
+    heads_k = torch.stack([e.k[:, :t] for e in embs])
+    heads_v = torch.stack([e.v[:, :t] for e in embs])
+    tails_k = torch.stack([e.k[:, e.length - t:] for e in embs])
+    tails_v = torch.stack([e.v[:, e.length - t:] for e in embs])
+    gate = torch.linalg.vector_norm(_diff(v.unsqueeze(0), heads_v, dtype).flatten(1), dim=1)
+    return (placeholder_distances(k, heads_k, dtype), placeholder_distances(v, heads_v, dtype),
+            prefix_distances(k, tails_k, dtype), prefix_distances(v, tails_v, dtype),
+            gate.to(torch.float32))
 
 
 @dataclass
@@ -65,16 +96,29 @@ class Fallback:
     learn: list[str] = field(default_factory=list)   # placeholders whose anchors the dense run feeds
 
 
+MAX_WEIGHT_SETS = 8        # softmax weights kept per content (distinct anchor sets)
+
+
 class KVCommState:
     def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = "",
-                 make_kv=StoredKV, on_evict=None):
+                 make_kv=StoredKV, on_evict=None, matcher=None):
         """``make_kv(k, v, positions)`` builds every stored block (default: plain tensors);
-        ``on_evict(anchor)`` is told of every anchor the pools drop."""
+        ``on_evict(anchor)`` is told of every anchor the pools drop; ``matcher(kv, embs)`` returns
+        ``reference_match``'s five tensors (default: ``reference_match``)."""
         self.config, self.rope, self.namespace = config, rope, namespace
         self.make_kv = make_kv
+        self.matcher = matcher
+        self.on_evict = on_evict
         self.templates: dict[str, AgentTemplate] = {}
         self.contents: dict[str, Content] = {}
-        self.anchors = AnchorRegistry(config, on_evict)
+        self.anchors = AnchorRegistry(config, self._anchor_evicted)
+
+    def _anchor_evicted(self, anchor) -> None:
+        for content in self.contents.values():
+            if content.matches.pop(anchor.key, None) is not None:
+                content.weights = {k: w for k, w in content.weights.items() if anchor.key not in k}
+        if self.on_evict is not None:
+            self.on_evict(anchor)
 
     # ---- storage ----
     def store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> StoredKV:
@@ -106,15 +150,52 @@ class KVCommState:
         key = segment_key(token_ids, self.namespace + "|" + placeholder)
         pool = self.anchors.pool(placeholder)
         cfg = self.config
-        gate = entropy_gate(v, [a.emb.v for a in pool.anchors.values()], cfg.gamma, cfg.top_p,
-                            cfg.top_p_credit, cfg.min_anchors, cfg.temperature, cfg.distance_dtype)
+        content = Content(key, placeholder, tuple(token_ids), self.store(k, v, positions))
+        anchors = list(pool.anchors.values())
+        if cfg.derotated_storage:            # one batched match: the gate and the later weights
+            available = tuple(i for i, a in enumerate(anchors) if a.length >= content.kv.length)
+            dist = None
+            if len(anchors) >= cfg.min_anchors and len(available) >= cfg.min_anchors:
+                self._match(content, [anchors[i] for i in available])
+                dist = torch.stack([content.matches[anchors[i].key].gate_v for i in available])
+            gate = gate_from_distances(dist, len(anchors), available, cfg.gamma, cfg.top_p,
+                                       cfg.top_p_credit, cfg.min_anchors, cfg.temperature)
+        else:
+            gate = entropy_gate(v, [a.emb.v for a in anchors], cfg.gamma, cfg.top_p,
+                                cfg.top_p_credit, cfg.min_anchors, cfg.temperature,
+                                cfg.distance_dtype)
         if key in pool:                      # the same message again: its own anchor vouches
             gate = GateResult(False, "known_anchor", 0.0)
         keys = list(pool.anchors)
         pool.credit(keys[i] for i in gate.credited)
-        content = Content(key, placeholder, tuple(token_ids), self.store(k, v, positions), gate)
+        content.gate = gate
         self.contents[key] = content
         return content
+
+    def _match(self, content: Content, anchors: list) -> None:
+        """Distances of ``content`` to ``anchors`` (one batched call), kept on the content."""
+        if self.matcher is not None and self.config.distance_dtype == "float32":
+            found = self.matcher(content.kv, [a.emb for a in anchors])
+        else:
+            found = reference_match(content.kv, [a.emb for a in anchors], self.config.distance_dtype)
+        for i, anchor in enumerate(anchors):
+            content.matches[anchor.key] = Match(*(t[i] for t in found))
+
+    def _weights(self, content: Content, anchors: list):
+        """(token wk, token wv (A, T), channel wk, channel wv (A, L, H, D)) for this anchor set."""
+        keys = tuple(a.key for a in anchors)
+        if keys not in content.weights:
+            missing = [a for a in anchors if a.key not in content.matches]
+            if missing:
+                self._match(content, missing)
+            rows = [content.matches[key] for key in keys]
+            tau = self.config.temperature
+            content.weights[keys] = tuple(
+                softmax_weights(torch.stack([getattr(r, name) for r in rows]), tau)
+                for name in ("ph_k", "ph_v", "pf_k", "pf_v"))
+            while len(content.weights) > MAX_WEIGHT_SETS:
+                content.weights.pop(next(iter(content.weights)))
+        return content.weights[keys]
 
     def register_response(self, placeholder: str, generated_ids, k: torch.Tensor,
                           v: torch.Tensor, prompt_length: int) -> Content:
@@ -163,6 +244,9 @@ class KVCommState:
     def _plan_content(self, agent, piece, key) -> PiecePlan:
         content = self._content(key)
         anchors = self.anchors.pool(piece.placeholder).compatible(piece.length, agent)
+        if self.config.derotated_storage:
+            wk, wv, _, _ = self._weights(content, anchors)
+            return PiecePlan("content", piece.placeholder, content.kv, piece.start, anchors, wk, wv)
         base_k, base_v = self._matching_view(content.kv, piece.start)
         embs_k = torch.stack([a.emb.k[:, : piece.length] for a in anchors])
         embs_v = torch.stack([a.emb.v[:, : piece.length] for a in anchors])
@@ -172,6 +256,10 @@ class KVCommState:
         return PiecePlan("content", piece.placeholder, content.kv, piece.start, anchors, wk, wv)
 
     def _plan_template(self, agent, piece, template, content, content_plan) -> PiecePlan:
+        if self.config.derotated_storage:
+            _, _, wk, wv = self._weights(content, content_plan.anchors)
+            return PiecePlan("template", piece.placeholder, template.pieces[piece.index],
+                             piece.start, content_plan.anchors, wk, wv)
         t = content.kv.length
         base_k, base_v = self._matching_view(content.kv, content_plan.start)
         tails_k = torch.stack([a.emb.k[:, a.length - t:] for a in content_plan.anchors])

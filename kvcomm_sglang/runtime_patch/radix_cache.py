@@ -1,7 +1,8 @@
 """KVCommRadixCache: SGLang 0.5.17's RadixCache plus KVCOMM reuse through the host-hit seam.
 
 ``match_prefix`` reports a KVCOMM request's reusable tail (everything after the device-matched
-prefix up to, not including, the last prompt token) as a host hit, without side effects;
+prefix up to the last template piece, which the model recomputes; official: the last token) as a
+host hit, without side effects;
 ``init_load_back`` allocates slots, materializes the corrected KV into them and inserts a node
 tagged ``kvcomm_approx`` under the request's own path; ``cache_finished_req`` captures templates,
 messages and anchors before SGLang frees the request's slots. Requests without KVCOMM hints are
@@ -17,7 +18,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from kvcomm_sglang.runtime_patch.report import set_report
+from kvcomm_sglang.runtime_patch.report import set_report, update_report
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class KVCommRadixCache(RadixCache):
         if decision.kind != "reuse":
             set_report(req, "dense", 0, decision.reason)
             return self._exact_only(base, req)
-        tail = len(req.origin_input_ids) - 1 - len(base.device_indices)
+        tail = len(req.origin_input_ids) - decision.recompute - len(base.device_indices)
         if tail <= 0:
             set_report(req, "reuse", 0, None)
             return base
@@ -101,6 +102,9 @@ class KVCommRadixCache(RadixCache):
         self._update_leaf_status(new)
         self._record_store_event(new)
         decision.reused = n
+        update_report(req, plan_ms=round(decision.plan_ms, 3),
+                      materialize_ms=round(decision.materialize_ms, 3),
+                      reuse_path_ms=round(decision.plan_ms + decision.materialize_ms, 3))
         return slots, new
 
     def _load_back_failed(self, req, reason, empty, node):

@@ -2,7 +2,9 @@
 
 SGLang 0.5.17 forwards ``req.customized_info[key]`` to the response's ``meta_info[key]`` as one
 entry per output token; KVCOMM reports once, on the first output token:
-``meta_info["kvcomm"][0] = {"mode": "reuse"|"dense", "reused_tokens": n, "fallback_reason": r}``.
+``meta_info["kvcomm"][0] = {"mode": "reuse"|"dense", "reused_tokens": n, "fallback_reason": r}``,
+plus, on reuse, the reuse path's time: ``plan_ms`` (matching and weights), ``materialize_ms``
+(plan flattening and the kernel) and their sum ``reuse_path_ms``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def set_report(req, mode: str, reused_tokens: int, reason: str | None) -> None:
         req.customized_info = info
     info[REPORT_KEY] = FirstTokenReport({"mode": mode, "reused_tokens": int(reused_tokens),
                                          "fallback_reason": reason})
+
+
+def update_report(req, **fields) -> None:
+    """Add fields to the request's report (e.g. the reuse path's timings after load-back)."""
+    column = (getattr(req, "customized_info", None) or {}).get(REPORT_KEY)
+    if column:
+        column[0].update(fields)
 
 
 class Metrics:

@@ -10,6 +10,8 @@ request finishes. Decisions depend only on token ids, message ids and the namesp
 from __future__ import annotations
 
 import logging
+import os
+import time
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kernels import materialize
 from kvcomm_sglang.kernels.plan import MaterializePlan, from_reuse_plan
 from kvcomm_sglang.metrics import ReuseStats
-from kvcomm_sglang.planner import Fallback, KVCommState, PiecePlan, ReusePlan
+from kvcomm_sglang.planner import Fallback, KVCommState, PiecePlan, ReusePlan, reference_match
 from kvcomm_sglang.rope import RopeSpec
 from kvcomm_sglang.runtime_patch.segment_store import PoolKV, SegmentStore, StoreFull
 
@@ -38,13 +40,16 @@ class Decision:
     learn: list = field(default_factory=list)
     version: int = -1
     reused: int = 0                  # tokens materialized at load-back
+    recompute: int = 1               # prompt tokens the model computes at the end (reuse)
+    plan_ms: float = 0.0             # the reuse path's time: matching and weights
+    materialize_ms: float = 0.0      # plan flattening, checks and the kernel
 
 
 class Namespace:
     def __init__(self, name: str, runtime: "KVCommRuntime"):
         self.name, self.runtime = name, runtime
         self.state = KVCommState(runtime.config, runtime.rope, name, make_kv=runtime.store.make,
-                                 on_evict=self._anchor_evicted)
+                                 on_evict=self._anchor_evicted, matcher=runtime.matcher)
         self.messages: OrderedDict[str, str] = OrderedDict()     # message id -> content key
         self.version = 0
 
@@ -91,6 +96,9 @@ class KVCommRuntime:
         k0 = pool.k_buffer[0]
         self.num_layers, self.num_heads, self.head_dim = len(pool.k_buffer), k0.shape[1], k0.shape[2]
         self.cos_sin = rope.cos_sin_table(4096, device=k0.device)
+        # anchor matching read in place from the pool (Triton) where the kernels run compiled
+        self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") else None
+        self.profile = k0.is_cuda and os.environ.get("KVCOMM_PROFILE") == "1"
         self.namespaces: OrderedDict[str, Namespace] = OrderedDict()
         self.decisions: dict[str, Decision] = {}
         self.stats = ReuseStats()
@@ -121,7 +129,9 @@ class KVCommRuntime:
         cached = self.decisions.get(req.rid)
         if cached is not None and cached.version == ns.version:
             return cached
+        start = self._clock()
         decision = self._decide(req, hints, ns)
+        decision.plan_ms = (self._clock() - start) * 1e3
         decision.version = ns.version
         self.decisions[req.rid] = decision
         return decision
@@ -155,10 +165,24 @@ class KVCommRuntime:
         plan = ns.state.plan(hints.agent, keys)
         if isinstance(plan, Fallback):
             return Decision("dense", plan.reason, keys=keys, learn=plan.learn)
-        return Decision("reuse", plan=plan, keys=keys)
+        recompute = self.config.recompute_last
+        if self.config.recompute_last_piece:
+            recompute = max(recompute, hints.layout[-1].length)
+        return Decision("reuse", plan=plan, keys=keys, recompute=min(recompute, len(ids)))
 
-    # ---- materialize the reused tail [d, N - 1) into dst slots ----
+    # ---- materialize the reused tail [d, N - recompute) into dst slots ----
+    def _clock(self) -> float:
+        """Wall time; with ``KVCOMM_PROFILE=1`` after waiting for the GPU (exact but syncing)."""
+        if self.profile:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
+        start = self._clock()
+        self._materialize(req, decision, d, dst)
+        decision.materialize_ms = (self._clock() - start) * 1e3
+
+    def _materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
         plan = decision.plan
         layout, n = plan.layout, plan.layout.total_length
         pieces = list(plan.pieces)
@@ -170,7 +194,7 @@ class KVCommRuntime:
                                torch.zeros(0, dtype=torch.long, device=dst.device), _slots_of,
                                self.num_layers, self.num_heads, self.head_dim,
                                self.rope.is_neox, self.config.first_corrected_layer)
-        rows = (flat.positions >= d) & (flat.positions < n - 1)
+        rows = (flat.positions >= d) & (flat.positions < n - decision.recompute)
         work = _select_rows(flat, rows, dst)
         if work.num_tokens != dst.shape[0]:
             raise ValueError(f"plan covers {work.num_tokens} tokens, {dst.shape[0]} slots given")
@@ -294,6 +318,23 @@ class KVCommRuntime:
 
     def forget(self, rid: str) -> None:
         self.decisions.pop(rid, None)
+
+
+def pool_matcher(pool):
+    """``KVCommState``'s matcher for pool-resident blocks: ``kernels.distances.anchor_distances``
+    reads the content and its anchors in place (one launch), no (A, L, T, H, D) gather."""
+    from kvcomm_sglang.kernels.distances import anchor_distances
+
+    def match(kv, embs):
+        if not isinstance(kv, PoolKV) or not all(isinstance(e, PoolKV) for e in embs):
+            return reference_match(kv, embs)
+        t = kv.length
+        head = torch.stack([e.slots[:t] for e in embs])
+        tail = torch.stack([e.slots[e.length - t:] for e in embs])
+        d = anchor_distances(pool, kv.slots, head, tail)
+        return d.ph_k, d.ph_v, d.pf_k, d.pf_v, d.gate_v
+
+    return match
 
 
 def _slots_of(source) -> torch.Tensor:

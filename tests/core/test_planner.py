@@ -190,3 +190,52 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="content ids but"):
         world.state.register_content("user_question", [1, 2], torch.randn(L, 3, H, D),
                                      torch.randn(L, 3, H, D), torch.arange(3))
+
+
+def test_cached_matches_equal_fresh_distances_and_follow_evictions():
+    """Weights come from distances computed once per (content, anchor); they equal the estimator
+    on freshly gathered anchors, and an evicted anchor leaves every cache."""
+    from kvcomm_sglang.estimator import placeholder_distances, prefix_distances, softmax_weights
+
+    world = World(seed=5)
+    warm(world, 3)
+    keys, out = run_request(world, {"user_question": False, "agent_0_current": False,
+                                    "agent_1_current": False, "agent_2_current": False})
+    plan = out["2"]
+    assert isinstance(plan, ReusePlan)
+    for content_plan, template_plan in zip(plan.pieces[0::2], plan.pieces[1::2]):
+        base = content_plan.source
+        t = base.length
+        heads = torch.stack([a.emb.k[:, :t] for a in content_plan.anchors])
+        tails = torch.stack([a.emb.k[:, a.length - t:] for a in content_plan.anchors])
+        assert torch.allclose(content_plan.weights_k, softmax_weights(placeholder_distances(base.k, heads)))
+        assert torch.allclose(template_plan.weights_k, softmax_weights(prefix_distances(base.k, tails)))
+    content = world.state.contents[keys["user_question"]]
+    assert content.matches and content.weights
+    pool = world.state.anchors.pool("user_question")
+    victim = pool.evict_one()
+    assert victim not in content.matches
+    assert all(victim not in anchor_set for anchor_set in content.weights)
+
+
+def test_matcher_hook_is_used_for_gate_and_weights():
+    from kvcomm_sglang.planner import reference_match
+
+    calls = []
+
+    def matcher(kv, embs):
+        calls.append(len(embs))
+        return reference_match(kv, embs)
+
+    plain, hooked = World(seed=7), World(seed=7)
+    hooked.state.matcher = matcher
+    for world in (plain, hooked):
+        warm(world, 3)
+    assert calls                                   # the gate of every new content used it
+    _, a = run_request(plain)
+    _, b = run_request(hooked)
+    for agent in AGENTS:
+        assert type(a[agent]) is type(b[agent])
+        if isinstance(a[agent], ReusePlan):
+            for pa, pb in zip(a[agent].pieces, b[agent].pieces):
+                assert torch.equal(pa.weights_k, pb.weights_k)

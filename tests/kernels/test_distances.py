@@ -141,3 +141,29 @@ def test_reads_the_device_once():
     with HostReads() as reads:
         anchor_distances(*case)
     assert reads.calls == ["tolist"]
+
+
+def test_pool_matcher_equals_reference_match():
+    """The server's matcher (anchor distances read in place from store slots) against the
+    planner's reference on the same stored blocks."""
+    from kvcomm_sglang.planner import reference_match
+    from kvcomm_sglang.runtime_patch.runtime import pool_matcher
+    from kvcomm_sglang.runtime_patch.segment_store import SegmentStore
+
+    gen = torch.Generator().manual_seed(11)
+    pool = TensorKVPool(2, 200, 2, 32, torch.bfloat16, device=DEVICE)
+
+    class Allocator:
+        alloc, free = pool.alloc, pool.free
+
+    store = SegmentStore(pool, Allocator(), 199)
+
+    def block(n):
+        k, v = torch.randn(2, 2, n, 2, 32, generator=gen).to(DEVICE)
+        return store.make(k, v, torch.zeros(n, dtype=torch.long))
+
+    content, embs = block(9), [block(9), block(12), block(15)]
+    got = pool_matcher(pool)(content, embs)
+    want = reference_match(content, embs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4)

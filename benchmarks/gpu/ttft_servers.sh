@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Device side of the GPU TTFT benchmark (docs/gpu.md): start a vanilla SGLang server (port 30001)
+# and a kvcomm one (port 30000) with dummy Llama-3.1-8B weights on the one GPU, run
+# benchmarks/ttft_gpu.py against both, copy the JSON and the logs to $OUT.
+#
+#   LABEL=before bash benchmarks/gpu/ttft_servers.sh [ttft_gpu.py args ...]
+#
+# Environment:
+#   LABEL           names the output files (ttft-gpu-LABEL.json, sglang_*-LABEL.log)
+#   GRAPH_FIX=1     capture prefill CUDA graphs for 1 and 2 tokens too (SGLang's own
+#                   --cuda-graph-bs-prefill): the one-token tail after a cached or reused
+#                   prefix then replays a graph instead of running eagerly
+#   KVCOMM_CONFIG   the kvcomm server's KVCommConfig JSON (default {"gamma": 1.0}: the paper's
+#                   timing run disabled the entropy gate)
+#   KEEP_DENSE=1    keep a healthy dense server from an earlier call (same flags)
+#   MEM=0.38        --mem-fraction-static of each server (two 8B servers share the card)
+# Needs the stage in /tmp/site (shared/tools/gpu: device_receive.sh) and is run from the repo root.
+set -euo pipefail
+STAGE=/tmp/kvcomm-stage
+OUT=${OUT:-/tmp/out}
+LABEL=${LABEL:-run}
+MEM=${MEM:-0.38}
+export KVCOMM_CONFIG=${KVCOMM_CONFIG:-'{"gamma": 1.0}'}
+mkdir -p "$OUT"
+
+# the plugin's entry point: a hand-written dist-info (the code itself comes from $PWD)
+d=/tmp/site/kvcomm_sglang-0.0.0.dist-info
+mkdir -p $d && touch $d/RECORD
+printf 'Metadata-Version: 2.1\nName: kvcomm-sglang\nVersion: 0.0.0\n' > $d/METADATA
+printf '[sglang.srt.plugins]\nkvcomm = kvcomm_sglang.runtime_patch.plugin:register\n' > $d/entry_points.txt
+
+flags=(--mem-fraction-static "$MEM")
+if [ "${GRAPH_FIX:-0}" = 1 ]; then
+  bs=$(python3 -c 'print(*([1, 2] + list(range(4, 33, 4)) + list(range(48, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64)) + list(range(1280, 4097, 256)) + list(range(4608, 8193, 512))))')
+  flags+=(--cuda-graph-bs-prefill $bs)
+fi
+
+healthy() { curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/health" | grep -q 200; }
+
+wait_both() {
+  local t0=$SECONDS
+  until healthy 30000 && healthy 30001; do
+    for n in kvcomm dense; do
+      if [ -f /tmp/sglang_$n.pid ] && ! kill -0 "$(cat /tmp/sglang_$n.pid)" 2>/dev/null; then
+        echo "server $n died:"; tail -n 60 /tmp/sglang_$n.log; return 1
+      fi
+    done
+    (( SECONDS - t0 < 420 )) || { echo "servers not healthy after 420 s"; tail -n 30 /tmp/sglang_*.log; return 1; }
+    sleep 2
+  done
+  echo "both servers healthy after $(( SECONDS - t0 )) s"
+}
+
+if [ "${KEEP_DENSE:-0}" = 1 ] && healthy 30001; then
+  echo "keeping the dense server"
+else
+  bash $STAGE/launch_dummy.sh --stop dense >/dev/null 2>&1 || true
+  PORT=30001 bash $STAGE/launch_dummy.sh dense "${flags[@]}"
+fi
+bash $STAGE/launch_dummy.sh --stop kvcomm >/dev/null 2>&1 || true
+KVCOMM_CODE=$PWD SGLANG_PLUGINS=kvcomm KVCOMM_PROFILE=1 PORT=30000 \
+  bash $STAGE/launch_dummy.sh kvcomm --radix-cache-backend kvcomm --page-size 1 "${flags[@]}"
+trap 'cp /tmp/sglang_kvcomm.log "$OUT/sglang_kvcomm-$LABEL.log"; cp /tmp/sglang_dense.log "$OUT/sglang_dense-$LABEL.log" 2>/dev/null || true' EXIT
+wait_both
+grep -h "Tree cache initialized\|kvcomm: radix-cache backend ready" /tmp/sglang_kvcomm.log | head -3 || true
+
+PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_gpu.py --kvcomm-url http://127.0.0.1:30000 \
+  --dense-url http://127.0.0.1:30001 --label "$LABEL GRAPH_FIX=${GRAPH_FIX:-0} KVCOMM_CONFIG=$KVCOMM_CONFIG" \
+  --out "$OUT/ttft-gpu-$LABEL.json" "$@"
+for n in dense kvcomm; do
+  echo "$n: prefill batches with cuda graph: $(grep -c 'cuda graph: True' /tmp/sglang_$n.log || true)," \
+       "without: $(grep -c 'cuda graph: False' /tmp/sglang_$n.log || true)"
+done
