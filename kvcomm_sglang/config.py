@@ -33,7 +33,9 @@ class KVCommConfig:
     evict_on_delta_update: bool = False  # official: True (eviction check on every set_anchor)
     request_isolation: str = "merge"   # official: "bucket" (last committer wins per placeholder)
     # ---- production bounds (no official counterpart: the official pool is unbounded) ----
-    anchor_budget_bytes: int = 1 << 30
+    anchor_budget_bytes: int = 1 << 30  # per namespace; a server derives it from its store
+    store_anchor_fraction: float = 0.75  # server: anchors of a namespace may hold this share
+                                         # of the store (unless anchor_budget_bytes is given)
     store_budget_fraction: float = 0.5  # share of a server's KV pool the segment store may hold
     min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
@@ -56,6 +58,8 @@ class KVCommConfig:
                  f"top_p_credit must be one of {TOP_P_CREDIT_MODES}, got {self.top_p_credit!r}")
         _require(self.request_isolation in ("merge", "bucket"),
                  f"request_isolation must be 'merge' or 'bucket', got {self.request_isolation!r}")
+        _require(0.0 < self.store_anchor_fraction <= 1.0,
+                 f"store_anchor_fraction must be in (0, 1], got {self.store_anchor_fraction}")
         _require(self.anchor_budget_bytes > 0,
                  f"anchor_budget_bytes must be > 0, got {self.anchor_budget_bytes}")
         _require(0.0 < self.store_budget_fraction <= 1.0,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device side of the GPU TTFT benchmark (docs/gpu.md): start a vanilla SGLang server (port 30001)
-# and a kvcomm one (port 30000) with dummy Llama-3.1-8B weights on the one GPU, run
+# and then a kvcomm one (port 30000) with dummy Llama-3.1-8B weights on the one GPU, run
 # benchmarks/ttft_gpu.py against both, copy the JSON and the logs to $OUT.
 #
 #   LABEL=before bash benchmarks/gpu/ttft_servers.sh [ttft_gpu.py args ...]
@@ -13,13 +13,17 @@
 #   KVCOMM_CONFIG   the kvcomm server's KVCommConfig JSON (default {"gamma": 1.0}: the paper's
 #                   timing run disabled the entropy gate)
 #   KEEP_DENSE=1    keep a healthy dense server from an earlier call (same flags)
-#   MEM=0.38        --mem-fraction-static of each server (two 8B servers share the card)
+#   MEM_DENSE=0.45, MEM_KVCOMM=0.85
+#                   --mem-fraction-static of each server. Two 8B servers share the card, started
+#                   one after the other: SGLang 0.5.17 sizes the KV pool so that (1 - fraction)
+#                   of the card's total memory stays free, so the second needs the larger one
 # Needs the stage in /tmp/site (shared/tools/gpu: device_receive.sh) and is run from the repo root.
 set -euo pipefail
 STAGE=/tmp/kvcomm-stage
 OUT=${OUT:-/tmp/out}
 LABEL=${LABEL:-run}
-MEM=${MEM:-0.38}
+MEM_DENSE=${MEM_DENSE:-0.45}
+MEM_KVCOMM=${MEM_KVCOMM:-0.85}
 export KVCOMM_CONFIG=${KVCOMM_CONFIG:-'{"gamma": 1.0}'}
 mkdir -p "$OUT"
 
@@ -29,7 +33,7 @@ mkdir -p $d && touch $d/RECORD
 printf 'Metadata-Version: 2.1\nName: kvcomm-sglang\nVersion: 0.0.0\n' > $d/METADATA
 printf '[sglang.srt.plugins]\nkvcomm = kvcomm_sglang.runtime_patch.plugin:register\n' > $d/entry_points.txt
 
-flags=(--mem-fraction-static "$MEM")
+flags=()
 if [ "${GRAPH_FIX:-0}" = 1 ]; then
   bs=$(python3 -c 'print(*([1, 2] + list(range(4, 33, 4)) + list(range(48, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64)) + list(range(1280, 4097, 256)) + list(range(4608, 8193, 512))))')
   flags+=(--cuda-graph-bs-prefill $bs)
@@ -37,31 +41,32 @@ fi
 
 healthy() { curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/health" | grep -q 200; }
 
-wait_both() {
+wait_for() {   # NAME PORT
   local t0=$SECONDS
-  until healthy 30000 && healthy 30001; do
-    for n in kvcomm dense; do
-      if [ -f /tmp/sglang_$n.pid ] && ! kill -0 "$(cat /tmp/sglang_$n.pid)" 2>/dev/null; then
-        echo "server $n died:"; tail -n 60 /tmp/sglang_$n.log; return 1
-      fi
-    done
-    (( SECONDS - t0 < 420 )) || { echo "servers not healthy after 420 s"; tail -n 30 /tmp/sglang_*.log; return 1; }
+  until healthy "$2"; do
+    if ! kill -0 "$(cat /tmp/sglang_$1.pid)" 2>/dev/null; then
+      echo "server $1 died:"; tail -n 40 /tmp/sglang_$1.log; return 1
+    fi
+    (( SECONDS - t0 < 420 )) || { echo "server $1 not healthy after 420 s"; tail -n 30 /tmp/sglang_$1.log; return 1; }
     sleep 2
   done
-  echo "both servers healthy after $(( SECONDS - t0 )) s"
+  echo "server $1 healthy after $(( SECONDS - t0 )) s"
 }
 
 if [ "${KEEP_DENSE:-0}" = 1 ] && healthy 30001; then
   echo "keeping the dense server"
 else
   bash $STAGE/launch_dummy.sh --stop dense >/dev/null 2>&1 || true
-  PORT=30001 bash $STAGE/launch_dummy.sh dense "${flags[@]}"
+  PORT=30001 bash $STAGE/launch_dummy.sh dense --mem-fraction-static "$MEM_DENSE" "${flags[@]}"
+  wait_for dense 30001
 fi
 bash $STAGE/launch_dummy.sh --stop kvcomm >/dev/null 2>&1 || true
 KVCOMM_CODE=$PWD SGLANG_PLUGINS=kvcomm KVCOMM_PROFILE=1 PORT=30000 \
-  bash $STAGE/launch_dummy.sh kvcomm --radix-cache-backend kvcomm --page-size 1 "${flags[@]}"
+  bash $STAGE/launch_dummy.sh kvcomm --radix-cache-backend kvcomm --page-size 1 \
+  --mem-fraction-static "$MEM_KVCOMM" "${flags[@]}"
 trap 'cp /tmp/sglang_kvcomm.log "$OUT/sglang_kvcomm-$LABEL.log"; cp /tmp/sglang_dense.log "$OUT/sglang_dense-$LABEL.log" 2>/dev/null || true' EXIT
-wait_both
+wait_for kvcomm 30000
+grep -h "KV Cache is allocated\|max_total_num_tokens=" /tmp/sglang_dense.log /tmp/sglang_kvcomm.log | cut -c1-200 || true
 grep -h "Tree cache initialized\|kvcomm: radix-cache backend ready" /tmp/sglang_kvcomm.log | head -3 || true
 
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_gpu.py --kvcomm-url http://127.0.0.1:30000 \

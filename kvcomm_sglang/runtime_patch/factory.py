@@ -67,7 +67,7 @@ def kvcomm_cache_factory(ctx):
     from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime
 
     check_supported(ctx)
-    config = kvcomm_config_from_env()
+    config, explicit = kvcomm_config_from_env()
     rope = rope_of(ctx)
     runner = ctx.tp_worker.model_runner
     pool = runner.token_to_kv_pool
@@ -80,7 +80,8 @@ def kvcomm_cache_factory(ctx):
         return KVCommRuntime(config, rope, pool, cache.token_to_kv_pool_allocator,
                              int(cache.token_to_kv_pool_allocator.size),
                              cache.req_to_token_pool.req_to_token, make_room=cache.make_room,
-                             metrics=metrics)
+                             metrics=metrics,
+                             derive_anchor_budget="anchor_budget_bytes" not in explicit)
 
     cache = KVCommRadixCache(ctx.params, runtime_factory)
     logger.info("kvcomm: radix-cache backend ready (%s, store up to %d tokens)", config,

@@ -95,6 +95,11 @@ def validate_request_hook(manager, obj, input_ids, *args, **kwargs):
 
 
 def kvcomm_config_from_env():
+    """-> (KVCommConfig, the field names KVCOMM_CONFIG set explicitly)."""
+    import json
+
     from kvcomm_sglang.config import KVCommConfig
 
-    return KVCommConfig.from_json(os.environ.get("KVCOMM_CONFIG"))
+    text = os.environ.get("KVCOMM_CONFIG")
+    config = KVCommConfig.from_json(text)
+    return config, set(json.loads(text)) if text else set()

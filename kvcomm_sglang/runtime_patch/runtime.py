@@ -9,6 +9,7 @@ request finishes. Decisions depend only on token ids, message ids and the namesp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -88,11 +89,16 @@ class Namespace:
 
 class KVCommRuntime:
     def __init__(self, config: KVCommConfig, rope: RopeSpec, pool, allocator, pool_tokens: int,
-                 req_to_token, make_room=None, backend: str = "auto", metrics=None):
-        self.config, self.rope, self.pool, self.backend = config, rope, pool, backend
-        self.req_to_token = req_to_token
+                 req_to_token, make_room=None, backend: str = "auto", metrics=None,
+                 derive_anchor_budget: bool = True):
+        self.pool, self.backend, self.req_to_token = pool, backend, req_to_token
         self.store = SegmentStore(pool, allocator, int(config.store_budget_fraction * pool_tokens),
-                                  make_room)
+                                  make_room, make_budget=self._evict_for_budget)
+        if derive_anchor_budget:        # anchors of a namespace: a share of the store, in bytes
+            budget = int(config.store_anchor_fraction * self.store.max_tokens
+                         * self.store.bytes_per_token)
+            config = dataclasses.replace(config, anchor_budget_bytes=max(budget, 1))
+        self.config, self.rope = config, rope
         k0 = pool.k_buffer[0]
         self.num_layers, self.num_heads, self.head_dim = len(pool.k_buffer), k0.shape[1], k0.shape[2]
         self.cos_sin = rope.cos_sin_table(4096, device=k0.device)
@@ -208,7 +214,13 @@ class KVCommRuntime:
 
     # ---- learning when a request finishes ----
     def on_finish(self, req, kv_len: int) -> None:
-        decision = self.decisions.pop(req.rid, None)
+        try:
+            self._on_finish(req, kv_len)
+        finally:        # the decision protected its messages from store eviction until now
+            self.decisions.pop(req.rid, None)
+
+    def _on_finish(self, req, kv_len: int) -> None:
+        decision = self.decisions.get(req.rid)
         hints = self.hints_of(req)
         if hints is None or decision is None or _aborted(req):
             return
@@ -267,22 +279,29 @@ class KVCommRuntime:
                 self.store.gather(self.pool.v_buffer, slots).float())
 
     # ---- memory ----
-    def evict_store(self, num_tokens: int) -> int:
-        """Free at least ``num_tokens`` store slots: oldest namespaces' messages first, then
-        their anchors, then whole namespaces."""
+    def evict_store(self, num_tokens: int, keep_namespaces: bool = False) -> int:
+        """Free at least ``num_tokens`` store slots: oldest namespaces' messages first (least
+        recently bound first, never one a queued request was planned with), then their
+        anchors, then whole namespaces (unless ``keep_namespaces``)."""
         start = self.store.tokens
+        in_use = {key for d in self.decisions.values() for key in d.keys.values()}
         for name in list(self.namespaces):
             ns = self.namespaces[name]
             for message in list(ns.messages):
                 if start - self.store.tokens >= num_tokens:
                     return start - self.store.tokens
-                ns.drop_content(ns.messages.pop(message))
+                if ns.messages[message] not in in_use:
+                    ns.drop_content(ns.messages.pop(message))
             while ns.state.anchors.num_anchors and start - self.store.tokens < num_tokens:
                 pool = max(ns.state.anchors.pools.values(), key=len)
                 pool.evict_one()
-            if start - self.store.tokens < num_tokens:
+            if start - self.store.tokens < num_tokens and not keep_namespaces:
                 self.drop_namespace(name)
         return start - self.store.tokens
+
+    def _evict_for_budget(self, num_tokens: int) -> int:
+        """The store is over its budget: make room inside it (namespaces stay)."""
+        return self.evict_store(num_tokens, keep_namespaces=True)
 
     def drop_namespace(self, name: str) -> None:
         ns = self.namespaces.pop(name)

@@ -49,9 +49,10 @@ class PoolKV:
 class SegmentStore:
     """Allocates, writes, reads and frees store slots in ``pool`` through ``allocator``."""
 
-    def __init__(self, pool, allocator, max_tokens: int, make_room=None):
+    def __init__(self, pool, allocator, max_tokens: int, make_room=None, make_budget=None):
         self.pool, self.allocator, self.max_tokens = pool, allocator, max_tokens
         self.make_room = make_room              # callable(n) -> frees up to n tree tokens
+        self.make_budget = make_budget          # callable(n) -> frees up to n store tokens
         self.tokens = 0
         k0 = pool.k_buffer[0]
         self.device, self.dtype = k0.device, k0.dtype
@@ -68,6 +69,8 @@ class SegmentStore:
         return PoolKV(self, slots, positions)
 
     def alloc(self, n: int) -> torch.Tensor:
+        if self.tokens + n > self.max_tokens and self.make_budget is not None and n <= self.max_tokens:
+            self.make_budget(self.tokens + n - self.max_tokens)
         if self.tokens + n > self.max_tokens:
             raise StoreFull(f"store budget: {self.tokens} + {n} > {self.max_tokens} tokens")
         slots = self.allocator.alloc(n) if n else torch.empty(0, dtype=torch.int64, device=self.device)

@@ -82,3 +82,29 @@ def test_store_slots_are_counted_evictable_and_evicted_last(cache):
         cache.runtime.store.alloc(17)                     # over the store's 16-token budget
     cache.evict(EvictParams(num_tokens=100))
     assert allocator.available_size() == total
+
+
+def test_store_budget_evicts_old_messages_and_anchor_budget_follows_the_store(cache):
+    """Captures beyond the store's budget evict the least recently bound messages of the
+    namespace (not the namespace, not a message a queued request was planned with); the
+    anchors' byte budget is a share of the store's."""
+    runtime = cache.runtime
+    store = runtime.store
+    assert runtime.config.anchor_budget_bytes == int(0.75 * 16 * store.bytes_per_token)
+    ns = runtime.namespace("kvcomm:x")
+
+    def capture(message, n, token):
+        content = ns.state.register_content("user_question", [token] * n, torch.randn(2, n, 2, 8),
+                                            torch.randn(2, n, 2, 8), torch.arange(n))
+        ns.bind(message, content.key)
+        return content.key
+
+    first = capture("m0", 6, 1)
+    runtime.decisions["queued"] = types.SimpleNamespace(keys={"user_question": first})
+    second = capture("m1", 6, 2)
+    third = capture("m2", 6, 3)                       # 18 > 16: m1 goes, m0 is in use
+    assert list(ns.messages) == ["m0", "m2"] and store.tokens == 12
+    assert first in ns.state.contents and second not in ns.state.contents
+    assert "kvcomm:x" in runtime.namespaces and third in ns.state.contents
+    with pytest.raises(StoreFull):
+        store.alloc(17)                               # more than the whole budget: refused
