@@ -101,6 +101,7 @@ def gate_from_distances(dist: torch.Tensor | None, num_anchors: int, available: 
                           available=available if num_anchors >= min_anchors else ())
     probs = torch.softmax(-dist.to(torch.float32) / temperature, dim=0).double().cpu()
     entropy = float(-(probs * torch.log2(probs + ENTROPY_EPS)).sum()) / math.log2(len(available))
+    entropy = min(entropy, 1.0)       # rounding of near-uniform probs must not beat gamma >= 1
     plist = tuple(float(p) for p in probs)
     if entropy > gamma:
         return GateResult(True, "ambiguous", entropy, plist, available)
