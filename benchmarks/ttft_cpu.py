@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 
-import requests
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +29,7 @@ from kvcomm_sglang.runtime_patch.process import ServerProcess  # noqa: E402
 from kvcomm_sglang.segments import split_template  # noqa: E402
 from tests.harness.workflow import AgentTemplate  # noqa: E402
 from tests.server.workflow_client import encode, prompt, render_chat, template_pass  # noqa: E402
+from ttft_gpu import post, request  # noqa: E402  (this folder: the same streamed request)
 
 NUM_AGENTS = 4
 
@@ -57,24 +57,7 @@ def task(rng: random.Random, tokens: int) -> list[int]:
 
 def stream(url: str, ids, new_tokens: int, hints=None, namespace=None):
     """-> (ttft_s, output_ids, meta_info) of one streamed greedy request."""
-    params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
-    if hints:
-        params["custom_params"] = hints
-    body = {"input_ids": list(ids), "sampling_params": params, "stream": True}
-    if namespace:
-        body["extra_key"] = namespace
-    start, ttft, last = time.perf_counter(), None, None
-    with requests.post(f"{url}/generate", json=body, stream=True, timeout=600) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines(chunk_size=None):      # as each event arrives, unbuffered
-            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            last = json.loads(line[5:])
-            if "error" in last:
-                raise RuntimeError(last["error"])
-    return ttft, list(last["output_ids"]), last["meta_info"]
+    return post(url, request(ids, new_tokens, hints, namespace))
 
 
 def run_workflow(url, temps, question_ids, new_tokens, kvcomm, qid, namespace):
