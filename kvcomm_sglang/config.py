@@ -39,8 +39,8 @@ class KVCommConfig:
     store_budget_fraction: float = 0.5  # share of a server's KV pool the segment store may hold
     min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
-    recompute_last_piece: bool = True  # official: False; recompute the whole last template piece
-                                       # (the generation prompt, ~15 tokens) rather than 1 token
+    recompute_last_piece: bool = False  # True: recompute the whole last template piece (the
+                                        # generation prompt, ~15 tokens) rather than 1 token
     namespace_prefix: str = "kvcomm:"  # approximate KV only under extra_key with this prefix
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class KVCommConfig:
         """The official code's behaviour, quirks included (for A/B parity runs)."""
         values = dict(derotated_storage=False, distance_dtype="cache", top_p_credit="official",
                       strict_pool_size=False, evict_on_delta_update=True,
-                      request_isolation="bucket", recompute_last_piece=False)
+                      request_isolation="bucket")
         values.update(overrides)
         return cls(**values)
 

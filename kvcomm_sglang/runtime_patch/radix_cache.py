@@ -1,8 +1,8 @@
 """KVCommRadixCache: SGLang 0.5.17's RadixCache plus KVCOMM reuse through the host-hit seam.
 
 ``match_prefix`` reports a KVCOMM request's reusable tail (everything after the device-matched
-prefix up to the last template piece, which the model recomputes; official: the last token) as a
-host hit, without side effects;
+prefix up to, not including, the last prompt token, or the last template piece with
+``recompute_last_piece``) as a host hit, without side effects;
 ``init_load_back`` allocates slots, materializes the corrected KV into them and inserts a node
 tagged ``kvcomm_approx`` under the request's own path; ``cache_finished_req`` captures templates,
 messages and anchors before SGLang frees the request's slots. Requests without KVCOMM hints are

@@ -9,15 +9,9 @@ import requests
 from kvcomm_sglang import protocol
 from tests.harness import workflow
 from tests.server.conftest import start_server
-from tests.server.workflow_client import Workflow, encode, generate, render_chat
+from tests.server.workflow_client import Workflow, encode, generate
 
 NUM_QUESTIONS = 5
-
-
-def wf_templates(agent):
-    """The text pieces (token ids) of an agent's template in the workflow."""
-    template = next(t for t in workflow.agent_templates(render_chat, encode) if t.agent == agent)
-    return template.text_ids
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +32,8 @@ def test_workflow_is_served_by_reuse_after_warmup(workflow_runs):
     reused = [c for c in calls if c[2].kvcomm["mode"] == "reuse"]
     assert len(reused) >= 3, [c[2].kvcomm for c in calls]
     for q, agent, r, d, n in reused:
-        # the last template piece (the generation prompt) is recomputed, not reused
-        last_piece = len(wf_templates(agent)[-1])
-        assert 0 < r.kvcomm["reused_tokens"] <= n - last_piece
-        assert r.meta["cached_tokens"] >= r.kvcomm["reused_tokens"]
+        # the device-matched prefix is a radix hit, the rest reused but the last token
+        assert 0 < r.kvcomm["reused_tokens"] <= r.meta["cached_tokens"] <= n - 1
         timing = r.kvcomm["plan_ms"], r.kvcomm["materialize_ms"], r.kvcomm["reuse_path_ms"]
         assert all(t >= 0 for t in timing) and timing[2] > 0
         assert abs(timing[0] + timing[1] - timing[2]) < 0.01
