@@ -126,8 +126,11 @@ def run_workflow(args, work: Workload, qid: str, namespace: str) -> list[dict]:
         kv_ttft, output, meta = post(args.kvcomm_url, request(ids, args.output_tokens, hints,
                                                               namespace))
         report = (meta.get("kvcomm") or [None])[0] or {}
+        time.sleep(args.settle_s)        # the kvcomm server's capture work must not overlap
         dense_ttft, _, _ = post(args.dense_url, request(ids, 1))
+        time.sleep(args.settle_s)
         hit_ttft, _, hit_meta = post(args.dense_url, request(ids, 1))
+        time.sleep(args.settle_s)
         rows.append({"agent": int(agent), "prompt_tokens": len(ids), "dense_s": dense_ttft,
                      "kvcomm_s": kv_ttft, "dense_radix_hit_s": hit_ttft,
                      "hit_cached_tokens": hit_meta.get("cached_tokens"), **report})
@@ -202,6 +205,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vocab", type=int, nargs=2, default=(1000, 128000),
                         help="random ids are drawn from [lo, hi)")
+    parser.add_argument("--settle-s", type=float, default=0.5,
+                        help="pause between requests, so that one server's post-request work "
+                             "(KVCOMM's capture) never overlaps a timed request on the other")
     parser.add_argument("--label", default="", help="a note stored in the JSON (server flags)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny workload (3 agents, 32/96/24 tokens, SmolLM2's vocabulary)")
@@ -209,7 +215,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.agents, args.prefix_tokens, args.input_tokens, args.output_tokens = 3, 32, 96, 24
-        args.vocab, args.warmup, args.repeats = (1000, 49000), 2, 2
+        args.vocab, args.warmup, args.repeats, args.settle_s = (1000, 49000), 2, 2, 0.0
     work = Workload(args.agents, args.prefix_tokens, tuple(args.vocab), seed=int(time.time()))
     namespace = f"kvcomm:ttft-gpu-{int(time.time())}"
     register_templates(args.kvcomm_url, work, namespace)
@@ -225,6 +231,7 @@ def main(argv=None):
     agents = summarize(calls, args.agents)
     result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "label": args.label,
+              "settle_s": args.settle_s,
               "workload": {"agents": args.agents, "prefix_tokens": args.prefix_tokens,
                            "input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
                            "warmup": args.warmup, "repeats": args.repeats},
