@@ -42,6 +42,14 @@ def prefix_distances(base: torch.Tensor, anchor_embs_tail: torch.Tensor,
     return torch.linalg.vector_norm(diff, dim=2).to(torch.float32)
 
 
+def gate_distances(candidate_v: torch.Tensor, anchor_heads_v: torch.Tensor,
+                   dtype: str = "float32") -> torch.Tensor:
+    """Frobenius distance of the gate (spec §5.1): candidate_v (L, T, H, D), anchor_heads_v
+    (A, L, T, H, D) (each anchor's first T tokens) -> (A,) fp32."""
+    diff = _diff(candidate_v.unsqueeze(0), anchor_heads_v, dtype)
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1).to(torch.float32)
+
+
 def softmax_weights(distances: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax over the anchor axis (dim 0) of -distance / tau, in fp32."""
     return torch.softmax(-distances.to(torch.float32) / temperature, dim=0)
@@ -85,9 +93,7 @@ def entropy_gate(candidate_v: torch.Tensor, anchor_vs: list[torch.Tensor], gamma
         return gate_from_distances(None, len(anchor_vs), available, gamma, top_p, credit,
                                    min_anchors, temperature)
     stacked = torch.stack([anchor_vs[i][:, :t] for i in available])
-    diff = _diff(candidate_v.unsqueeze(0), stacked, dtype)
-    dist = torch.linalg.vector_norm(diff.flatten(1), dim=1).to(torch.float32)
-    return gate_from_distances(dist, len(anchor_vs), available, gamma, top_p, credit,
+    return gate_from_distances(gate_distances(candidate_v, stacked, dtype), len(anchor_vs), available, gamma, top_p, credit,
                                min_anchors, temperature)
 
 

@@ -14,8 +14,9 @@ import torch
 from kvcomm_sglang.anchors import AnchorRegistry, Deviation
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kvblock import StoredKV
-from kvcomm_sglang.estimator import (GateResult, _diff, entropy_gate, gate_from_distances,
-                                     placeholder_distances, prefix_distances, softmax_weights)
+from kvcomm_sglang.estimator import (GateResult, entropy_gate, gate_distances,
+                                     gate_from_distances, placeholder_distances,
+                                     prefix_distances, softmax_weights)
 from kvcomm_sglang.rope import RopeSpec, rotate
 from kvcomm_sglang.segments import PromptLayout, segment_key
 
@@ -62,10 +63,9 @@ def reference_match(kv: StoredKV, embs: list, dtype: str = "float32"):
     heads_v = torch.stack([e.v[:, :t] for e in embs])
     tails_k = torch.stack([e.k[:, e.length - t:] for e in embs])
     tails_v = torch.stack([e.v[:, e.length - t:] for e in embs])
-    gate = torch.linalg.vector_norm(_diff(v.unsqueeze(0), heads_v, dtype).flatten(1), dim=1)
     return (placeholder_distances(k, heads_k, dtype), placeholder_distances(v, heads_v, dtype),
             prefix_distances(k, tails_k, dtype), prefix_distances(v, tails_v, dtype),
-            gate.to(torch.float32))
+            gate_distances(v, heads_v, dtype))
 
 
 @dataclass
