@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -63,58 +64,126 @@ class MaterializePlan:
 
 
 def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, num_heads: int,
-                    head_dim: int, is_neox: bool = True,
-                    first_corrected_layer: int = 1) -> MaterializePlan:
+                    head_dim: int, is_neox: bool = True, first_corrected_layer: int = 1,
+                    rows: tuple[int, int] | None = None) -> MaterializePlan:
     """Flatten a core ``ReusePlan`` (de-rotated storage) into a MaterializePlan.
 
-    ``slots_of(source)`` returns the (N,) pool slots holding a stored KV (best on the CPU: the
-    index columns are built there and sent in one copy); sources are the pieces' ``StoredKV``
-    and ``(anchor, consumer, "content" | "template")`` deviations. ``dst_slots`` covers every
-    piece after x0, in prompt order.
+    ``slots_of(source)`` returns the (N,) pool slots of a stored KV as a CPU tensor; sources are
+    the pieces' ``StoredKV`` and ``(anchor, consumer, "content" | "template")`` deviations.
+    ``rows = (lo, hi)`` keeps the destination positions in [lo, hi) (default: every piece);
+    ``dst_slots`` has one slot per kept position, in prompt order.
+
+    The index columns (src, positions, group, deviation slots) are written by numpy into one
+    pinned host buffer and sent in one non-blocking copy; the token weights are one cat per
+    column (rows without per-token weights are views of a zero table) and the channel weights one
+    stack. No host sync, no per-token Python.
     """
     device = dst_slots.device
-    num_anchors = max((len(p.anchors) for p in reuse.pieces), default=0)
-    src, pos, dev, group, twk, twv, channel_wk, channel_wv = [], [], [], [], [], [], [], []
-    zeros = None
+    lo, hi = rows if rows is not None else (0, 1 << 62)
+    kept = []
     for piece in reuse.pieces:
-        n = piece.source.length
-        if bool(piece.source.positions.any()):
+        s, e = max(piece.start, lo), min(piece.start + piece.source.length, hi)
+        if s < e:
+            kept.append((piece, s - piece.start, e - s))
+    n = sum(m for _, _, m in kept)
+    if n != dst_slots.shape[0]:
+        raise ValueError(f"plan covers {n} tokens, {dst_slots.shape[0]} dst slots given")
+    a = max((len(p.anchors) for p, _, _ in kept), default=0)
+    host = _staging(device).take(n * (3 + a))
+    src, pos, group = host[:n], host[n:2 * n], host[2 * n:3 * n]
+    dev = host[3 * n:].reshape(n, a)
+    dev.fill(-1)
+    token_w, channel_w = ([], []), ([], [])
+    r = 0
+    for piece, off, m in kept:
+        if not _derotated(piece.source):
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
-        src.append(slots_of(piece.source).cpu())
-        pos.append(torch.arange(piece.start, piece.start + n))
-        rows = [slots_of((anchor, reuse.consumer, piece.kind)).cpu()[:n] for anchor in piece.anchors]
-        rows += [torch.full((n,), -1, dtype=torch.long)] * (num_anchors - len(rows))
-        dev.append(torch.stack(rows, dim=1) if rows else torch.empty(n, 0, dtype=torch.long))
-        content = piece.kind == "content" and bool(piece.anchors)
-        group.append(torch.full((n,), len(channel_wk) if piece.anchors and not content else -1))
-        if content:
-            pad = (0, num_anchors - len(piece.anchors))
-            twk.append(torch.nn.functional.pad(piece.weights_k[:, :n].T, pad))
-            twv.append(torch.nn.functional.pad(piece.weights_v[:, :n].T, pad))
-        else:
-            if zeros is None or zeros.shape[0] < n:
-                zeros = torch.zeros(max(n, 4096), num_anchors, device=device)
-            twk.append(zeros[:n])
-            twv.append(zeros[:n])
-        if piece.anchors and not content:
-            channel_wk.append(_pad_anchors(piece.weights_k, num_anchors))
-            channel_wv.append(_pad_anchors(piece.weights_v, num_anchors))
-    n = sum(len(t) for t in src)
-    columns = torch.cat([torch.cat(src), torch.cat(pos), torch.cat(group),
-                         torch.cat(dev).reshape(-1)]).to(device)     # one host-to-device copy
-    src_t, pos_t, group_t, dev_t = columns.split([n, n, n, n * num_anchors])
-    empty = torch.zeros(0, num_anchors, num_layers, num_heads, head_dim, device=device)
-    return MaterializePlan(
-        dst_slots, src_t, pos_t, dev_t.view(n, num_anchors), torch.cat(twk).to(device).float(),
-        torch.cat(twv).to(device).float(), group_t,
-        torch.stack(channel_wk).to(device).float() if channel_wk else empty,
-        torch.stack(channel_wv).to(device).float() if channel_wv else empty.clone(),
-        first_corrected_layer, is_neox)
+        src[r:r + m] = slots_of(piece.source).numpy()[off:off + m]
+        pos[r:r + m] = np.arange(piece.start + off, piece.start + off + m)
+        for i, anchor in enumerate(piece.anchors):
+            dev[r:r + m, i] = slots_of((anchor, reuse.consumer, piece.kind)).numpy()[off:off + m]
+        by_channel = piece.kind == "template" and bool(piece.anchors)
+        group[r:r + m] = len(channel_w[0]) if by_channel else -1
+        for out, chan, w in zip(token_w, channel_w, (piece.weights_k, piece.weights_v)):
+            if piece.anchors and not by_channel:     # content: (A, T) -> rows (m, a)
+                out.append(_pad_last(w[:, off:off + m].T.to(device), a))
+            else:
+                out.append(_zeros(device, m, a))
+                if by_channel:                       # template: (A, L, H, D) per group
+                    chan.append(_pad_first(w.to(device), a))
+        r += m
+    columns = _staging(device).send(host, device)
+    shape = (0, a, num_layers, num_heads, head_dim)
+    # one cat per weight column and one stack per channel table: launches, not syncs
+    token_wk, token_wv = (torch.cat(t).to(device, torch.float32) if t else
+                          torch.zeros(0, a, device=device) for t in token_w)
+    channel_wk, channel_wv = (torch.stack(c).to(device, torch.float32) if c else
+                              torch.zeros(shape, device=device) for c in channel_w)
+    return MaterializePlan(dst_slots, columns[:n], columns[n:2 * n],
+                           columns[3 * n:].view(n, a), token_wk, token_wv, columns[2 * n:3 * n],
+                           channel_wk, channel_wv, first_corrected_layer, is_neox)
 
 
-def _pad_anchors(weights: torch.Tensor, num_anchors: int) -> torch.Tensor:
-    pad = num_anchors - weights.shape[0]
-    return torch.cat([weights, weights.new_zeros((pad,) + tuple(weights.shape[1:]))]) if pad else weights
+_zero_tables: dict = {}
+
+
+def _zeros(device: torch.device, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) fp32 zero view of a table kept per device (only ever read)."""
+    table = _zero_tables.get(device)
+    if table is None or table.shape[0] < rows or table.shape[1] < cols:
+        size = (max(rows, 4096, table.shape[0] if table is not None else 0),
+                max(cols, 32, table.shape[1] if table is not None else 0))
+        table = _zero_tables[device] = torch.zeros(size, device=device)
+    return table[:rows, :cols]
+
+
+def _pad_last(w: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.nn.functional.pad(w, (0, size - w.shape[-1])) if w.shape[-1] < size else w
+
+
+def _pad_first(w: torch.Tensor, size: int) -> torch.Tensor:
+    pad = size - w.shape[0]
+    return torch.cat([w, w.new_zeros((pad,) + tuple(w.shape[1:]))]) if pad else w
+
+
+def _derotated(source) -> bool:
+    p = source.positions
+    return not (p.numpy().any() if p.device.type == "cpu" else bool(p.any()))
+
+
+class _Staging:
+    """The host side of a plan's one index copy: a pinned int64 buffer on CUDA (the copy does
+    not block the host), reused once the previous copy has read it; plain memory elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffer, self.copied = None, None
+
+    def take(self, size: int) -> np.ndarray:
+        if not self.cuda:
+            return np.empty(size, dtype=np.int64)
+        if self.copied is not None and not self.copied.query():
+            self.copied.synchronize()          # the previous plan's copy is still reading it
+        if self.buffer is None or self.buffer.numel() < size:
+            self.buffer = torch.empty(max(size, 1 << 16), dtype=torch.int64, pin_memory=True)
+        return self.buffer[:size].numpy()
+
+    def send(self, host: np.ndarray, device: torch.device) -> torch.Tensor:
+        if not self.cuda:
+            return torch.from_numpy(host)
+        out = self.buffer[:host.size].to(device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return out
+
+
+_stagings: dict = {}
+
+
+def _staging(device: torch.device) -> _Staging:
+    if device not in _stagings:
+        _stagings[device] = _Staging(device)
+    return _stagings[device]
 
 
 def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
@@ -124,6 +193,19 @@ def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
     every data-dependent check (value ranges, duplicate dst, dst overlapping src/dev) is computed
     on the device into one small tensor that is read back once: one host sync per call.
     """
+    num_slots, num_groups = check_plan_metadata(plan, pool, cos_sin)
+    if plan.num_tokens == 0:
+        return
+    if pool.k_buffer[0].device.type == "cuda":   # fast path: two tiny launches, one read
+        from kvcomm_sglang.kernels.validate import count_violations
+
+        if count_violations(plan, num_slots, cos_sin.shape[0], num_groups).tolist() == [0]:
+            return
+    explain_plan_data(plan, num_slots, cos_sin.shape[0], num_groups)
+
+
+def check_plan_metadata(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> tuple[int, int]:
+    """The host half of ``check_plan`` (no device data read) -> (pool slots, channel groups)."""
     num_layers, num_slots, num_heads, head_dim = check_pool(pool)
     device = pool.k_buffer[0].device
     n, a = plan.num_tokens, plan.num_anchors
@@ -151,18 +233,18 @@ def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
     if not (0 <= plan.first_corrected_layer <= num_layers):
         raise ValueError(f"first_corrected_layer {plan.first_corrected_layer} not in "
                          f"[0, {num_layers}]")
-    if n == 0:
-        return
-    if device.type == "cuda":          # fast path: two tiny launches, one read of a counter
-        from kvcomm_sglang.kernels.validate import count_violations
+    return num_slots, g
 
-        if count_violations(plan, num_slots, cos_sin.shape[0], g).tolist() == [0]:
-            return
+
+def explain_plan_data(plan: MaterializePlan, num_slots: int, num_positions: int,
+                      num_groups: int) -> None:
+    """The data half of ``check_plan``, with messages: raise ValueError for the first range
+    violated, duplicate dst slots, or dst slots the plan also reads (one device read)."""
     ranges = [("plan.dst_slots", plan.dst_slots, 0, num_slots),
               ("plan.src_slots", plan.src_slots, 0, num_slots),
-              ("plan.positions", plan.positions, 0, cos_sin.shape[0]),
-              ("plan.group", plan.group, -1, g)]
-    if a:
+              ("plan.positions", plan.positions, 0, num_positions),
+              ("plan.group", plan.group, -1, num_groups)]
+    if plan.num_anchors:
         ranges.append(("plan.dev_slots", plan.dev_slots, -1, num_slots))
     max_writes, max_overlap = read_range_stats(ranges, _write_conflicts(plan, num_slots))
     if max_writes > 1:

@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcomm_sglang.kernels.plan import MaterializePlan, check_plan, pool_key
+from kvcomm_sglang.kernels.plan import (MaterializePlan, check_plan_metadata, explain_plan_data,
+                                        pool_key)
+from kvcomm_sglang.kernels.validate import count_violations
 
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_ELEMENTS = 4096          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
@@ -60,6 +62,7 @@ def _corrected(buf, slot_stride, src, dev_ptr, tok_w_ptr, chan_w_ptr, group, off
 @triton.jit
 def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, dev_ptr,
                         tok_wk_ptr, tok_wv_ptr, group_ptr, chan_wk_ptr, chan_wv_ptr, cos_sin,
+                        guard_ptr,
                         k_stride, v_stride, cs_stride, num_tokens, num_anchors, num_layers,
                         first_corrected, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         ROTARY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,7 +76,8 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
         k_buf = tl.multiple_of(k_buf, 16)
         v_buf = tl.multiple_of(v_buf, 16)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < num_tokens
+    # the validator's count: non-zero masks every load and store (the plan writes nothing)
+    n_mask = (offs_n < num_tokens) & (tl.load(guard_ptr) == 0)
     src = tl.load(src_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     dst = tl.load(dst_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
     pos = tl.load(pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -121,15 +125,26 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
                        block_n: int | None = None, num_warps: int | None = None) -> None:
     """Run ``plan`` on ``pool`` (``k_buffer``/``v_buffer``: L x (slots, H, D)) in one launch.
 
-    Raises ValueError for any plan/pool/table mismatch before anything is written. ``block_n``
+    Raises ValueError for any plan/pool/table mismatch, and nothing is written then: metadata
+    is checked on the host first; the data checks (``kernels.validate``) count violations on the
+    device into a guard the kernel reads before any store, and the host reads that count once,
+    after the launch (the GPU runs validator and kernel back to back). ``block_n``
     (tokens per program, a power of two) and ``num_warps`` override the defaults: a V tile of
     about 4096 elements (Llama-8B: 4 tokens x 8 heads x 128) and 8 warps for such a tile, where
     ptxas reports 68 registers and no spills on sm_90.
     """
-    check_plan(plan, pool, cos_sin)
+    num_slots, num_groups = check_plan_metadata(plan, pool, cos_sin)
     k_table, v_table, aligned = _pool_info(pool)
     if plan.num_tokens == 0:
         return
+    guard = count_violations(plan, num_slots, cos_sin.shape[0], num_groups)
+    _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n, num_warps)
+    if guard.item():          # the one host read: the kernel wrote nothing; say why
+        explain_plan_data(plan, num_slots, cos_sin.shape[0], num_groups)
+        raise AssertionError("the device validator refused a plan the host checks accept")
+
+
+def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None, num_warps=None):
     _, heads, head_dim = pool.k_buffer[0].shape
     num_layers, rotary_dim = len(pool.k_buffer), cos_sin.shape[1]
     block_h, block_n_auto = _block_sizes(heads, head_dim)
@@ -147,7 +162,7 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
     _materialize_kernel[grid](
         k_table, v_table, pool.k_buffer[0],
         plan.dst_slots.contiguous(), plan.src_slots.contiguous(), plan.positions.contiguous(),
-        dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin,
+        dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin, guard,
         pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0), cos_sin.stride(0),
         plan.num_tokens, plan.num_anchors, num_layers, plan.first_corrected_layer,
         HEADS=heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, IS_NEOX=bool(plan.is_neox),

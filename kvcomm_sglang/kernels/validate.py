@@ -1,6 +1,8 @@
-"""Plan validation on the device in two tiny launches and one host read (the CUDA fast path of
-``check_plan``): counts range violations, duplicate dst slots and dst slots the plan also reads.
-A non-zero count sends ``check_plan`` down its detailed path, which names the problem."""
+"""Plan validation on the device in two tiny launches: counts range violations, duplicate dst
+slots and dst slots the plan also reads into one int32. ``check_plan`` (CUDA) reads it before
+any backend runs; the Triton materialize kernel takes it as a guard (a non-zero count masks
+every store) and the host reads it once after the launch. A non-zero count is then explained,
+with the problem named, by ``plan.explain_plan_data``."""
 
 from __future__ import annotations
 

@@ -18,11 +18,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from kvcomm_sglang import protocol
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kernels import materialize
-from kvcomm_sglang.kernels.plan import MaterializePlan, from_reuse_plan
+from kvcomm_sglang.kernels.plan import from_reuse_plan
 from kvcomm_sglang.metrics import ReuseStats
 from kvcomm_sglang.planner import Fallback, KVCommState, PiecePlan, ReusePlan, reference_match
 from kvcomm_sglang.rope import RopeSpec
@@ -136,7 +137,8 @@ class KVCommRuntime:
         if cached is not None and cached.version == ns.version:
             return cached
         start = self._clock()
-        decision = self._decide(req, hints, ns)
+        with record_function("kvcomm.plan"):
+            decision = self._decide(req, hints, ns)
         decision.plan_ms = (self._clock() - start) * 1e3
         decision.version = ns.version
         self.decisions[req.rid] = decision
@@ -185,7 +187,8 @@ class KVCommRuntime:
 
     def materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
         start = self._clock()
-        self._materialize(req, decision, d, dst)
+        with record_function("kvcomm.materialize"):
+            self._materialize(req, decision, d, dst)
         decision.materialize_ms = (self._clock() - start) * 1e3
 
     def _materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
@@ -196,16 +199,15 @@ class KVCommRuntime:
             ns = self.namespaces[req.extra_key]
             x0 = ns.state.templates[plan.consumer].pieces[0]
             pieces.insert(0, PiecePlan("template", None, x0, 0))
-        flat = from_reuse_plan(types.SimpleNamespace(consumer=plan.consumer, pieces=pieces),
-                               torch.zeros(0, dtype=torch.long, device=dst.device), _slots_of,
-                               self.num_layers, self.num_heads, self.head_dim,
-                               self.rope.is_neox, self.config.first_corrected_layer)
-        rows = (flat.positions >= d) & (flat.positions < n - decision.recompute)
-        work = _select_rows(flat, rows, dst)
-        if work.num_tokens != dst.shape[0]:
-            raise ValueError(f"plan covers {work.num_tokens} tokens, {dst.shape[0]} slots given")
+        with record_function("kvcomm.flatten"):
+            work = from_reuse_plan(types.SimpleNamespace(consumer=plan.consumer, pieces=pieces),
+                                   dst, _slots_of, self.num_layers, self.num_heads,
+                                   self.head_dim, self.rope.is_neox,
+                                   self.config.first_corrected_layer,
+                                   rows=(d, n - decision.recompute))
         self._ensure_table(n)
-        materialize(work, self.pool, self.cos_sin, backend=self.backend)
+        with record_function("kvcomm.kernel"):
+            materialize(work, self.pool, self.cos_sin, backend=self.backend)
 
     def _ensure_table(self, n: int) -> None:
         if n > self.cos_sin.shape[0]:
@@ -215,7 +217,8 @@ class KVCommRuntime:
     # ---- learning when a request finishes ----
     def on_finish(self, req, kv_len: int) -> None:
         try:
-            self._on_finish(req, kv_len)
+            with record_function("kvcomm.capture"):
+                self._on_finish(req, kv_len)
         finally:        # the decision protected its messages from store eviction until now
             self.decisions.pop(req.rid, None)
 
@@ -364,13 +367,6 @@ def _slots_of(source) -> torch.Tensor:
     if not isinstance(source, PoolKV):
         raise TypeError(f"stored block {type(source).__name__} does not live in the pool")
     return source.slots_cpu
-
-
-def _select_rows(plan: MaterializePlan, rows: torch.Tensor, dst: torch.Tensor) -> MaterializePlan:
-    return MaterializePlan(dst, plan.src_slots[rows], plan.positions[rows], plan.dev_slots[rows],
-                           plan.token_wk[rows], plan.token_wv[rows], plan.group[rows],
-                           plan.channel_wk, plan.channel_wv, plan.first_corrected_layer,
-                           plan.is_neox)
 
 
 def _aborted(req) -> bool:

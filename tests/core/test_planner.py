@@ -175,6 +175,19 @@ def test_materialize_reference_equals_planner_assembly():
     x0 = plan.layout.prefix_length
     assert torch.allclose(got_k, want_k[:, x0:], atol=1e-5)
     assert torch.allclose(got_v, want_v[:, x0:], atol=1e-5)
+    # a row range cutting pieces in the middle (load-back after a partial prefix match, tail
+    # recomputed) flattens to exactly those rows of the full plan
+    lo, hi = x0 + 3, plan.layout.total_length - 2
+    part = from_reuse_plan(plan, dst[lo - x0:hi - x0], slots_of, L, H, D, rows=(lo, hi))
+    keep = (mplan.positions >= lo) & (mplan.positions < hi)
+    assert part.positions.tolist() == list(range(lo, hi))
+    for name in ("dst_slots", "src_slots", "positions", "dev_slots", "token_wk", "token_wv",
+                 "group", "channel_wk", "channel_wv"):
+        full = getattr(mplan, name)
+        want = full if name.startswith("channel") else full[keep]
+        assert torch.equal(getattr(part, name), want), name
+    with pytest.raises(ValueError, match="dst slots given"):
+        from_reuse_plan(plan, dst[:3], slots_of, L, H, D, rows=(lo, hi))
 
 
 def test_bad_inputs():

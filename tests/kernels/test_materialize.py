@@ -212,6 +212,33 @@ def test_triton_refuses_bad_input_without_writing(name):
         assert torch.equal(a, b), f"{name}: pool changed although the plan was refused"
 
 
+def test_triton_guard_masks_every_store():
+    """A non-zero validator count reaching the kernel writes nothing, on a plan that is fine."""
+    plan, pool, cos_sin = make_case(9, 2)
+    before = clone_pool(pool)
+    tables = triton_materialize._pool_info(pool)
+    guard = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    triton_materialize._launch(plan, pool, cos_sin, guard, *tables)
+    for a, b in zip(pool.k_buffer + pool.v_buffer, before.k_buffer + before.v_buffer):
+        assert torch.equal(a, b)
+    triton_materialize._launch(plan, pool, cos_sin, guard.zero_(), *tables)
+    assert not torch.equal(pool.k_buffer[1][plan.dst_slots], before.k_buffer[1][plan.dst_slots])
+
+
+def test_triton_reads_the_device_once_after_the_launch(monkeypatch):
+    """Validation costs no extra round trip: the single host read follows the kernel launch."""
+    from tests.kernels.test_plan import HostReads
+
+    plan, pool, cos_sin = make_case(9, 2)
+    events, launch = [], triton_materialize._launch
+    monkeypatch.setattr(triton_materialize, "_launch",
+                        lambda *a, **k: (events.append("launch"), launch(*a, **k))[1])
+    with HostReads() as reads:
+        reads.calls = events          # one ordered log of launches and host reads
+        materialize_triton(plan, pool, cos_sin)
+    assert events == ["launch", "item"]
+
+
 def test_flashinfer_refuses_cpu_or_fp32():
     plan, pool, cos_sin = make_case(7, 2, torch.float32)
     with pytest.raises(ValueError, match="CUDA|fp16|bf16"):
