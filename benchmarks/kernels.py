@@ -18,8 +18,10 @@ host_syncs (synchronizing CUDA calls in one call, from torch's sync debug mode; 
     capture-distances  what capturing the contents costs, off the request path: the Triton
                        distances row (the same work, the same timing) in the reuse-path breakdown
     reuse-path         what a request waits for: softmax of the cached distances of the first
-                       `anchors` anchors, plan flattening, Triton materialize (with check_plan)
-    plan-flatten       ``from_reuse_plan`` alone (host-built index columns, one copy)
+                       `anchors` anchors, plan flattening, Triton materialize (with validation)
+    set-weights        that softmax alone (``planner.set_weights``: one stack + softmax per piece)
+    plan-flatten       ``from_reuse_plan`` alone (index columns by numpy in pinned memory, one
+                       non-blocking copy; weights: one cat / stack per column)
     entropy-gate       the predict-as-anchor gate on one piece (torch)
 """
 
@@ -47,7 +49,7 @@ from kvcomm_sglang.estimator import (entropy_gate, placeholder_distances,  # noq
                                      prefix_distances, softmax_weights)
 from kvcomm_sglang.kernels import MaterializePlan, TensorKVPool, check_plan  # noqa: E402
 from kvcomm_sglang.kernels.plan import from_reuse_plan  # noqa: E402
-from kvcomm_sglang.planner import PiecePlan  # noqa: E402
+from kvcomm_sglang.planner import Match, PiecePlan, set_weights  # noqa: E402
 from kvcomm_sglang.kernels.distances import (anchor_distances,  # noqa: E402
                                              anchor_distances_reference)
 from kvcomm_sglang.kernels.reference import _weights, materialize_reference  # noqa: E402
@@ -315,13 +317,14 @@ def distance_bytes(cfg, pool):
 
 
 def bench_distances(cfg, timer, pool, rows):
-    """Triton vs torch anchor distances over every content piece; returns Triton's results (what
-    capture caches for the requests)."""
+    """Triton vs torch anchor distances over every content piece; returns Triton's results as
+    the planner caches them at capture (``Match`` rows per piece)."""
     a, inputs = cfg["match_anchors"], distance_inputs(cfg, cfg["match_anchors"],
                                                       pool.k_buffer[0].device)
     tokens, nbytes = sum(cfg["content"]), distance_bytes(cfg, pool)
     copy_ms = timer.copy_ms(nbytes)
     got = [anchor_distances(pool, *x) for x in inputs]
+    matches = [Match.batch(g.ph_k, g.ph_v, g.pf_k, g.pf_v, g.gate_v) for g in got]
     err = 0.0
     for g, x in zip(got, inputs):
         w = anchor_distances_reference(pool, *x)
@@ -336,14 +339,18 @@ def bench_distances(cfg, timer, pool, rows):
     rows.append(row("distances", "torch", tokens, a, ms, nbytes, copy_ms))
     rows.append(row("capture-distances", "triton", tokens, a, triton_ms, nbytes, copy_ms,
                     host_syncs=syncs))
-    return got
+    return matches
 
 
 def request_weights(cached, a):
-    """What a request computes from the distances cached at capture, for its first a anchors:
-    token weights (T, A) per piece and channel weights (A, L, H, D) for the template after it."""
-    return [(softmax_weights(d.ph_k[:a]).t(), softmax_weights(d.ph_v[:a]).t(),
-             softmax_weights(d.pf_k[:a]), softmax_weights(d.pf_v[:a])) for d in cached]
+    """What a request computes from the distances cached at capture (as the planner keeps them,
+    ``Match`` rows), for its first a anchors: ``planner.set_weights`` per content piece, i.e.
+    token weights (T, A) and channel weights (A, L, H, D) for the template after it."""
+    out = []
+    for matches in cached:
+        wk, wv, ck, cv = set_weights(matches[:a], matches[0].ph_k.shape[0])
+        out.append((wk.t(), wv.t(), ck, cv))
+    return out
 
 
 def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):
@@ -364,6 +371,8 @@ def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):
 
         rows.append(row("reuse-path", "torch+triton", n, plan_a, timer(request), nbytes,
                         timer.copy_ms(nbytes), host_syncs=count_syncs(request)))
+        rows.append(row("set-weights", "torch", n, plan_a,
+                        timer(lambda: request_weights(cached, plan_a)), 0, None))
         weights = request_weights(cached, plan_a)
 
         def flatten():      # the part of the request spent on the host: plan flattening

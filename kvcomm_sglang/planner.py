@@ -45,13 +45,37 @@ class Content:
 
 @dataclass
 class Match:
-    """Distances of a content (T tokens) to one anchor: what the weights come from (spec §4.2)."""
+    """Distances of a content (T tokens) to one anchor: what the weights come from (spec §4.2).
+    ``packed`` holds ph_k, ph_v, pf_k, pf_v back to back (the four are views of it), so the
+    weights of an anchor set are one stack and one softmax over the anchor axis."""
 
     ph_k: torch.Tensor        # (T,) head-aligned mean |diff| of K
     ph_v: torch.Tensor        # (T,)
     pf_k: torch.Tensor        # (L, H, D) tail-aligned L2 of K over tokens
     pf_v: torch.Tensor        # (L, H, D)
     gate_v: torch.Tensor      # () Frobenius distance of V, head-aligned (spec §5.1)
+    packed: torch.Tensor      # (2T + 2LHD,)
+
+    @classmethod
+    def batch(cls, ph_k, ph_v, pf_k, pf_v, gate_v) -> list["Match"]:
+        """One Match per anchor row of a matcher's five (A, ...) tensors (one cat for all)."""
+        packed = torch.cat([ph_k, ph_v, pf_k.flatten(1), pf_v.flatten(1)], dim=1).float()
+        return [cls(*unpack(row, ph_k.shape[1], pf_k.shape[1:]), gate_v[i], row)
+                for i, row in enumerate(packed)]
+
+
+def set_weights(matches: list[Match], tokens: int, temperature: float = 1.0):
+    """Softmax weights of one anchor set (spec §4.2): token wk, wv (A, T) and channel wk, wv
+    (A, L, H, D), from one stack and one softmax over the anchor axis of the packed rows."""
+    packed = softmax_weights(torch.stack([m.packed for m in matches]), temperature)
+    return unpack(packed, tokens, matches[0].pf_k.shape)
+
+
+def unpack(packed: torch.Tensor, tokens: int, channel_shape) -> tuple[torch.Tensor, ...]:
+    """(..., 2T + 2LHD) -> views ph_k, ph_v (..., T), pf_k, pf_v (..., L, H, D)."""
+    lead, size = packed.shape[:-1], (packed.shape[-1] - 2 * tokens) // 2
+    ph_k, ph_v, pf_k, pf_v = packed.split([tokens, tokens, size, size], dim=-1)
+    return ph_k, ph_v, pf_k.view(*lead, *channel_shape), pf_v.view(*lead, *channel_shape)
 
 
 def reference_match(kv: StoredKV, embs: list, dtype: str = "float32"):
@@ -178,8 +202,8 @@ class KVCommState:
             found = self.matcher(content.kv, [a.emb for a in anchors])
         else:
             found = reference_match(content.kv, [a.emb for a in anchors], self.config.distance_dtype)
-        for i, anchor in enumerate(anchors):
-            content.matches[anchor.key] = Match(*(t[i] for t in found))
+        for anchor, match in zip(anchors, Match.batch(*found)):
+            content.matches[anchor.key] = match
 
     def _weights(self, content: Content, anchors: list):
         """(token wk, token wv (A, T), channel wk, channel wv (A, L, H, D)) for this anchor set."""
@@ -188,11 +212,8 @@ class KVCommState:
             missing = [a for a in anchors if a.key not in content.matches]
             if missing:
                 self._match(content, missing)
-            rows = [content.matches[key] for key in keys]
-            tau = self.config.temperature
-            content.weights[keys] = tuple(
-                softmax_weights(torch.stack([getattr(r, name) for r in rows]), tau)
-                for name in ("ph_k", "ph_v", "pf_k", "pf_v"))
+            content.weights[keys] = set_weights([content.matches[key] for key in keys],
+                                                content.kv.length, self.config.temperature)
             while len(content.weights) > MAX_WEIGHT_SETS:
                 content.weights.pop(next(iter(content.weights)))
         return content.weights[keys]
