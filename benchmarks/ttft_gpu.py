@@ -113,7 +113,27 @@ def register_templates(url, work: Workload, namespace: str) -> None:
                           namespace))
 
 
-def run_workflow(args, work: Workload, qid: str, namespace: str) -> list[dict]:
+def control(url: str, path: str, body: dict | None = None) -> None:
+    req = urllib.request.Request(f"{url}/{path}", data=json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        resp.read()
+
+
+def profiled(url: str, out_dir: str, send):
+    """``send()`` with the server's torch profiler on (its chrome trace lands in out_dir)."""
+    control(url, "start_profile", {"output_dir": out_dir, "activities": ["CPU", "GPU"],
+                                   "profile_id": pathlib.Path(out_dir).name})
+    try:
+        return send()
+    finally:
+        control(url, "stop_profile")
+
+
+def run_workflow(args, work: Workload, qid: str, namespace: str,
+                 profile_dir: str | None = None) -> list[dict]:
+    """One workflow; with ``profile_dir`` the last agent's KVCOMM call (2 tokens) and its dense
+    radix hit run under the servers' profilers (traces in profile_dir/{kvcomm,dense-hit})."""
     question = work.ids(args.input_tokens)
     lead = work.ids(8)                                           # "The task is:" (neutral context)
     post(args.kvcomm_url, request(lead + question, 1, protocol.encode(
@@ -123,13 +143,18 @@ def run_workflow(args, work: Workload, qid: str, namespace: str) -> list[dict]:
         ids, layout = work.prompt(pieces, names, contents)
         name = f"agent_{agent}_current"
         hints = protocol.encode(agent=agent, layout=layout, capture=(f"{qid}.a{agent}", name))
-        kv_ttft, output, meta = post(args.kvcomm_url, request(ids, args.output_tokens, hints,
-                                                              namespace))
+        profile = profile_dir is not None and int(agent) == len(work.agents) - 1
+        send = lambda: post(args.kvcomm_url, request(  # noqa: E731
+            ids, 2 if profile else args.output_tokens, hints, namespace))
+        kv_ttft, output, meta = profiled(args.kvcomm_url, f"{profile_dir}/kvcomm", send) \
+            if profile else send()
         report = (meta.get("kvcomm") or [None])[0] or {}
         time.sleep(args.settle_s)        # the kvcomm server's capture work must not overlap
         dense_ttft, _, _ = post(args.dense_url, request(ids, 1))
         time.sleep(args.settle_s)
-        hit_ttft, _, hit_meta = post(args.dense_url, request(ids, 1))
+        send = lambda: post(args.dense_url, request(ids, 1))  # noqa: E731
+        hit_ttft, _, hit_meta = profiled(args.dense_url, f"{profile_dir}/dense-hit", send) \
+            if profile else send()
         time.sleep(args.settle_s)
         rows.append({"agent": int(agent), "prompt_tokens": len(ids), "dense_s": dense_ttft,
                      "kvcomm_s": kv_ttft, "dense_radix_hit_s": hit_ttft,
@@ -211,6 +236,10 @@ def main(argv=None):
     parser.add_argument("--label", default="", help="a note stored in the JSON (server flags)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny workload (3 agents, 32/96/24 tokens, SmolLM2's vocabulary)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="after the timed workflows, one more whose last agent is profiled "
+                             "(SGLang's /start_profile): traces of the KVCOMM call and of the "
+                             "dense radix hit; summarize with benchmarks/gpu/trace_summary.py")
     parser.add_argument("--out", default="bench-results/ttft-gpu.json")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -227,6 +256,9 @@ def main(argv=None):
             f"{'*' if c.get('mode') == 'reuse' else ''}" for c in rows), file=sys.stderr)
         if r >= args.warmup:
             calls += rows
+    profile_calls = []
+    if args.profile_dir:             # not timed: the profiler slows both servers down
+        profile_calls = run_workflow(args, work, "profile", namespace, args.profile_dir)
     device = device_name()
     agents = summarize(calls, args.agents)
     result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -235,7 +267,7 @@ def main(argv=None):
               "workload": {"agents": args.agents, "prefix_tokens": args.prefix_tokens,
                            "input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
                            "warmup": args.warmup, "repeats": args.repeats},
-              "agents": agents, "calls": calls}
+              "agents": agents, "calls": calls, "profiled_calls": profile_calls}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -13,6 +13,8 @@
 #   KVCOMM_CONFIG   the kvcomm server's KVCommConfig JSON (default {"gamma": 1.0}: the paper's
 #                   timing run disabled the entropy gate)
 #   KEEP_DENSE=1    keep a healthy dense server from an earlier call (same flags)
+#   PROFILE=1       one more (untimed) workflow whose last agent's KVCOMM call and dense radix
+#                   hit run under SGLang's torch profiler; trace summaries go to $OUT
 #   MEM_DENSE=0.45, MEM_KVCOMM=0.85
 #                   --mem-fraction-static of each server. Two 8B servers share the card, started
 #                   one after the other: SGLang 0.5.17 sizes the KV pool so that (1 - fraction)
@@ -69,9 +71,16 @@ wait_for kvcomm 30000
 grep -h "KV Cache is allocated\|max_total_num_tokens=" /tmp/sglang_dense.log /tmp/sglang_kvcomm.log | cut -c1-200 || true
 grep -h "Tree cache initialized\|kvcomm: radix-cache backend ready" /tmp/sglang_kvcomm.log | head -3 || true
 
-PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_gpu.py --kvcomm-url http://127.0.0.1:30000 \
+prof=()
+[ "${PROFILE:-0}" = 1 ] && prof=(--profile-dir "/tmp/kvcomm-prof-$LABEL")
+PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_gpu.py "${prof[@]}" --kvcomm-url http://127.0.0.1:30000 \
   --dense-url http://127.0.0.1:30001 --label "$LABEL GRAPH_FIX=${GRAPH_FIX:-0} KVCOMM_CONFIG=$KVCOMM_CONFIG" \
   --out "$OUT/ttft-gpu-$LABEL.json" "$@"
+if [ "${PROFILE:-0}" = 1 ]; then
+  python3 benchmarks/gpu/trace_summary.py $(find "/tmp/kvcomm-prof-$LABEL" -name '*.trace.json*') \
+    --json "$OUT/trace-summary-$LABEL.json" > "$OUT/trace-summary-$LABEL.txt" || true
+  head -c 6000 "$OUT/trace-summary-$LABEL.txt" || true
+fi
 for n in dense kvcomm; do
   echo "$n: prefill batches with cuda graph: $(grep -c 'cuda graph: True' /tmp/sglang_$n.log || true)," \
        "without: $(grep -c 'cuda graph: False' /tmp/sglang_$n.log || true)"
