@@ -188,6 +188,13 @@ def test_materialize_reference_equals_planner_assembly():
         assert torch.equal(getattr(part, name), want), name
     with pytest.raises(ValueError, match="dst slots given"):
         from_reuse_plan(plan, dst[:3], slots_of, L, H, D, rows=(lo, hi))
+    if torch.cuda.is_available():
+        # pinned staging and a non-blocking copy: the same columns, intact after the next plan
+        # has reused the staging buffer
+        cuda = from_reuse_plan(plan, dst.cuda(), slots_of, L, H, D)
+        from_reuse_plan(plan, dst[lo - x0:hi - x0].cuda(), slots_of, L, H, D, rows=(lo, hi))
+        for name in ("src_slots", "positions", "dev_slots", "group", "token_wk", "channel_wk"):
+            assert torch.equal(getattr(cuda, name).cpu(), getattr(mplan, name)), name
 
 
 def test_bad_inputs():
