@@ -141,5 +141,17 @@ class KVCommRadixCache(RadixCache):
                 self.runtime.drop_namespace(name)
 
     def make_room(self, num_tokens: int) -> None:
-        """The store's last resort before it gives up: evict tree leaves."""
-        super().evict(EvictParams(num_tokens=num_tokens))
+        """The store's last resort before it gives up: evict tree leaves, their slots free at
+        once. Captures run in ``cache_finished_req``, inside the free group SGLang opens while
+        it processes a batch's results (frees are collected and released at its end); evicted
+        leaves are idle (no request holds them), so their frees bypass the group, else the
+        store's next allocation could not see them (found on the GPU: "KV pool has no 511 free
+        slots" with a full, evictable tree)."""
+        allocator = self.token_to_kv_pool_allocator
+        grouped = getattr(allocator, "is_not_in_free_group", True) is False
+        allocator.is_not_in_free_group = True
+        try:
+            super().evict(EvictParams(num_tokens=num_tokens))
+        finally:
+            if grouped:
+                allocator.is_not_in_free_group = False

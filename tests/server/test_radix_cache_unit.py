@@ -108,3 +108,22 @@ def test_store_budget_evicts_old_messages_and_anchor_budget_follows_the_store(ca
     assert "kvcomm:x" in runtime.namespaces and third in ns.state.contents
     with pytest.raises(StoreFull):
         store.alloc(17)                               # more than the whole budget: refused
+
+
+def test_store_makes_room_inside_a_free_group(cache):
+    """A capture runs in cache_finished_req, inside SGLang's free group: tree leaves evicted to
+    make room for the store must be allocatable at once, and the group must stay open for the
+    frees SGLang collects after it."""
+    allocator = cache.token_to_kv_pool_allocator
+    insert(cache, list(range(100, 100 + allocator.available_size())))      # pool full: tree
+    assert allocator.available_size() == 0
+    allocator.free_group_begin()
+    block = cache.runtime.store.make(torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8),
+                                     torch.zeros(5, dtype=torch.long))
+    assert block.length == 5 and cache.runtime.store.tokens == 5
+    assert allocator.is_not_in_free_group is False
+    later = allocator.alloc(1)
+    allocator.free(later)                                 # collected by the group, not freed
+    assert not torch.isin(later, allocator.free_pages).any()
+    allocator.free_group_end()
+    assert torch.isin(later, allocator.free_pages).any()
