@@ -52,7 +52,7 @@ def gate_distances(candidate_v: torch.Tensor, anchor_heads_v: torch.Tensor,
 
 def softmax_weights(distances: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax over the anchor axis (dim 0) of -distance / tau, in fp32."""
-    return torch.softmax(-distances.to(torch.float32) / temperature, dim=0)
+    return torch.softmax(distances.to(torch.float32) * (-1.0 / temperature), dim=0)
 
 
 def estimate_offset(deviations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -95,10 +95,10 @@ class PromptLayout:
                 parse_placeholder(name)
                 if name not in contents:
                     raise ValueError(f"no content for placeholder {{{name}}}")
-                content = tuple(int(t) for t in contents[name])
+                content = tuple(map(int, contents[name]))
                 pieces.append(Piece("content", pos, content, name, i))
                 pos += len(content)
-            pieces.append(Piece("template", pos, tuple(int(t) for t in ids),
+            pieces.append(Piece("template", pos, tuple(map(int, ids)),
                                 placeholders[i - 1] if i else None, i))
             pos += len(ids)
         unknown = set(contents) - set(placeholders)

@@ -225,6 +225,24 @@ def test_triton_guard_masks_every_store():
     assert not torch.equal(pool.k_buffer[1][plan.dst_slots], before.k_buffer[1][plan.dst_slots])
 
 
+def test_triton_guard_on_an_invalid_plan_reads_in_bounds_and_writes_nothing():
+    """Indices far out of every range (the validator's count is then non-zero): the kernel
+    stores nothing, and its clamped loads stay in the tables (on CUDA a read 10 pools away
+    would raise an illegal-address error; the interpreter does not check reads)."""
+    plan, pool, cos_sin = make_case(9, 2)
+    slots = pool.k_buffer[0].shape[0]
+    bad = MaterializePlan(**{**plan.__dict__, "dst_slots": plan.dst_slots + 10 * slots,
+                             "src_slots": plan.src_slots - 10 * slots,
+                             "positions": plan.positions + 10 * cos_sin.shape[0],
+                             "dev_slots": plan.dev_slots.clamp(min=0) + 10 * slots,
+                             "group": plan.group.clamp(min=0) + 7})
+    before = clone_pool(pool)
+    guard = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    triton_materialize._launch(bad, pool, cos_sin, guard, *triton_materialize._pool_info(pool))
+    for a, b in zip(pool.k_buffer + pool.v_buffer, before.k_buffer + before.v_buffer):
+        assert torch.equal(a, b)
+
+
 def test_triton_reads_the_device_once_after_the_launch(monkeypatch):
     """Validation costs no extra round trip: the single host read follows the kernel launch."""
     from tests.kernels.test_plan import HostReads

@@ -1,0 +1,166 @@
+"""Host-side cost of the reuse path in the server's runtime, on the paper's workload shape.
+
+The GPU TTFT run reports per reused call ``plan_ms`` (KVCommRuntime.decide: prompt checks,
+matching, weights) and ``materialize_ms`` (from_reuse_plan, validation, the kernel); most of it
+is Python on the host. This drives the real runtime with SGLang's own CPU pools and a tiny KV
+(2 layers, 2 heads, head dim 8) through the paper's workload (5 fully connected agents, 536-token
+x0, 1024-token input, 511-token messages; ``benchmarks/ttft_gpu.Workload``), so that host work
+can be measured and iterated on without a GPU. Per agent: median ms of ``decide`` and of
+``from_reuse_plan`` over the timed workflows, then cProfile's top functions of both.
+
+    python benchmarks/host_path.py [--warmup 3] [--workflows 5] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pathlib
+import pstats
+import statistics
+import sys
+import time
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+
+from benchmarks.ttft_gpu import Workload  # noqa: E402
+from kvcomm_sglang import protocol  # noqa: E402
+from kvcomm_sglang.config import KVCommConfig  # noqa: E402
+from kvcomm_sglang.kernels import plan as plan_module  # noqa: E402
+from kvcomm_sglang.rope import RopeSpec  # noqa: E402
+from kvcomm_sglang.runtime_patch import runtime as runtime_module  # noqa: E402
+from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime  # noqa: E402
+
+POOL_TOKENS = 400_000
+LAYERS, HEADS, HEAD_DIM = 2, 2, 8
+
+
+class Server:
+    """The parts of a scheduler the runtime talks to: pools, a request slot, a served call."""
+
+    def __init__(self, config: KVCommConfig):
+        self.pool = MHATokenToKVPool(size=POOL_TOKENS, page_size=1, dtype=torch.float32,
+                                     head_num=HEADS, head_dim=HEAD_DIM, layer_num=LAYERS,
+                                     device="cpu", enable_memory_saver=False,
+                                     enable_alt_stream=False)
+        self.allocator = TokenToKVPoolAllocator(size=POOL_TOKENS, dtype=torch.float32,
+                                                device="cpu", kvcache=self.pool, need_sort=False)
+        self.req_to_token = torch.zeros((1, 8192), dtype=torch.int32)
+        self.runtime = KVCommRuntime(config, RopeSpec.build(HEAD_DIM, 10000.0), self.pool,
+                                     self.allocator, POOL_TOKENS, self.req_to_token)
+        self.count = 0
+        self.flatten_ms: list[float] = []
+        self.profiler, self.profiling = cProfile.Profile(), False
+
+    def serve(self, ids, new_tokens: int, hints: dict, namespace: str):
+        """One request: decide, materialize the reused tail (as init_load_back), 'compute' the
+        rest (random KV), finish (captures). Returns (decision, decide_ms, output ids)."""
+        self.count += 1
+        out = [7 + (self.count * 31 + i) % 9000 for i in range(new_tokens)]
+        req = types.SimpleNamespace(
+            rid=f"r{self.count}", origin_input_ids=list(ids), extra_key=namespace,
+            sampling_params=types.SimpleNamespace(custom_params=hints), req_pool_idx=0,
+            output_ids=out, finished_reason=None, return_logprob=False)
+        total = len(ids) + new_tokens
+        slots = self.allocator.alloc(total)
+        for buf in self.pool.k_buffer + self.pool.v_buffer:
+            buf[slots] = torch.randn(total, HEADS, HEAD_DIM)
+        self.req_to_token[0, :total] = slots.to(torch.int32)
+        if self.profiling:
+            self.profiler.enable()
+        start = time.perf_counter()
+        decision = self.runtime.decide(req)
+        decide_ms = (time.perf_counter() - start) * 1e3
+        if decision is not None and decision.kind == "reuse":
+            d = decision.plan.layout.prefix_length          # x0: a radix hit on a server
+            n = len(ids) - decision.recompute - d
+            self.runtime.materialize(req, decision, d, slots[d:d + n])
+            decision.reused = n
+        self.profiler.disable()
+        self.runtime.on_finish(req, total)
+        self.allocator.free(slots)
+        return decision, decide_ms, out
+
+
+def timed_flatten(server: Server):
+    """Wrap the runtime's from_reuse_plan to record its wall time."""
+    inner = plan_module.from_reuse_plan
+
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            server.flatten_ms.append((time.perf_counter() - start) * 1e3)
+
+    runtime_module.from_reuse_plan = wrapped
+
+
+def run(args) -> None:
+    config = KVCommConfig(gamma=1.0)          # as the GPU timing run: the gate is off
+    server = Server(config)
+    timed_flatten(server)
+    work = Workload(5, 512, (1000, 128000), seed=0)
+    namespace = "kvcomm:host-path"
+    for agent, pieces, names in work.agents:
+        standins = {name: ("standin", work.ids(16)) for name in names}
+        ids, layout = work.prompt(pieces, names, standins)
+        layout = [protocol.Piece(p.kind, p.length, p.placeholder,
+                                 None if p.kind == "template" else "standin") for p in layout]
+        server.serve(ids, 1, protocol.encode(agent=agent, layout=layout, template=True),
+                     namespace)
+    rows = []
+    for r in range(args.warmup + args.workflows):
+        qid, question, lead = f"w{r}", work.ids(1024), work.ids(8)
+        server.serve(lead + question, 1, protocol.encode(base=(f"{qid}.q", "user_question",
+                                                               len(lead))), namespace)
+        contents = {"user_question": (f"{qid}.q", question)}
+        for agent, pieces, names in work.agents:
+            ids, layout = work.prompt(pieces, names, contents)
+            name = f"agent_{agent}_current"
+            hints = protocol.encode(agent=agent, layout=layout, capture=(f"{qid}.a{agent}", name))
+            timed = r >= args.warmup
+            server.flatten_ms.clear()
+            server.profiling = timed
+            decision, decide_ms, out = server.serve(ids, args.output_tokens, hints, namespace)
+            if timed:
+                rows.append({"agent": int(agent) + 1, "tokens": len(ids), "kind": decision.kind,
+                             "decide_ms": decide_ms,
+                             "flatten_ms": sum(server.flatten_ms) if server.flatten_ms else None})
+            contents[name] = (f"{qid}.a{agent}", out[:-1])
+    print(f"host path per agent (ms, medians of {args.workflows} workflows; CPU, tiny KV)")
+    print(f"{'agent':>5} {'tokens':>7} {'reused':>7} {'decide':>8} {'flatten':>8}")
+    for agent in range(1, 6):
+        mine = [x for x in rows if x["agent"] == agent]
+        reused = [x for x in mine if x["kind"] == "reuse"]
+        med = lambda key: statistics.median([x[key] for x in reused if x[key] is not None]  # noqa: E731
+                                            or [float("nan")])
+        print(f"{agent:>5} {mine[0]['tokens']:>7} {len(reused):>3}/{len(mine):<3} "
+              f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f}")
+    anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
+               for ph, p in ns.state.anchors.pools.items()}
+    print(f"anchors per placeholder: {anchors}")
+    print("cProfile of decide + materialize (the CPU backend's torch reference stands in for "
+          "the kernel)")
+    stats = pstats.Stats(server.profiler)
+    stats.sort_stats(args.sort).print_stats(args.top)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workflows", type=int, default=5)
+    parser.add_argument("--output-tokens", type=int, default=512)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumtime)")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
