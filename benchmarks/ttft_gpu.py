@@ -248,7 +248,23 @@ def main(argv=None):
     work = Workload(args.agents, args.prefix_tokens, tuple(args.vocab), seed=int(time.time()))
     namespace = f"kvcomm:ttft-gpu-{int(time.time())}"
     register_templates(args.kvcomm_url, work, namespace)
-    calls = []
+    calls, profile_calls, device = [], [], device_name()
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():                     # after every workflow: a cut-off run keeps what it timed
+        result = {"device": device,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  "label": args.label, "settle_s": args.settle_s,
+                  "workload": {"agents": args.agents, "prefix_tokens": args.prefix_tokens,
+                               "input_tokens": args.input_tokens,
+                               "output_tokens": args.output_tokens, "warmup": args.warmup,
+                               "repeats": args.repeats},
+                  "agents": summarize(calls, args.agents) if calls else [], "calls": calls,
+                  "profiled_calls": profile_calls}
+        out.write_text(json.dumps(result, indent=2))
+        return result["agents"]
+
     for r in range(args.warmup + args.repeats):
         rows = run_workflow(args, work, f"w{r}", namespace)
         print(f"workflow {r + 1}/{args.warmup + args.repeats}: " + " ".join(
@@ -256,21 +272,10 @@ def main(argv=None):
             f"{'*' if c.get('mode') == 'reuse' else ''}" for c in rows), file=sys.stderr)
         if r >= args.warmup:
             calls += rows
-    profile_calls = []
+            write()
     if args.profile_dir:             # not timed: the profiler slows both servers down
         profile_calls = run_workflow(args, work, "profile", namespace, args.profile_dir)
-    device = device_name()
-    agents = summarize(calls, args.agents)
-    result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "label": args.label,
-              "settle_s": args.settle_s,
-              "workload": {"agents": args.agents, "prefix_tokens": args.prefix_tokens,
-                           "input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
-                           "warmup": args.warmup, "repeats": args.repeats},
-              "agents": agents, "calls": calls, "profiled_calls": profile_calls}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    agents = write()
     print_table(agents, device)
     print(f"wrote {out}")
 
