@@ -6,7 +6,10 @@ is Python on the host. This drives the real runtime with SGLang's own CPU pools 
 (2 layers, 2 heads, head dim 8) through the paper's workload (5 fully connected agents, 536-token
 x0, 1024-token input, 511-token messages; ``benchmarks/ttft_gpu.Workload``), so that host work
 can be measured and iterated on without a GPU. Per agent: median ms of ``decide`` and of
-``from_reuse_plan`` over the timed workflows, then cProfile's top functions of both.
+``from_reuse_plan`` over the timed workflows (wall time on a shared CPU: noisy, ±50 % between
+runs), the number of torch calls each makes (a ``TorchFunctionMode`` count, one more workflow:
+the stable proxy, since on the GPU host every torch call costs microseconds of dispatch and
+launch), then cProfile's top functions of both.
 
     python benchmarks/host_path.py [--warmup 3] [--workflows 5] [--top 25]
 """
@@ -14,6 +17,7 @@ can be measured and iterated on without a GPU. Per agent: median ms of ``decide`
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pathlib
 import pstats
@@ -28,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.ttft_gpu import Workload  # noqa: E402
 from kvcomm_sglang import protocol  # noqa: E402
@@ -38,6 +43,18 @@ from kvcomm_sglang.runtime_patch import runtime as runtime_module  # noqa: E402
 from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime  # noqa: E402
 
 POOL_TOKENS = 400_000
+
+
+class CountCalls(TorchFunctionMode):
+    """Counts torch calls (functions, methods, properties) made inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls[getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
 LAYERS, HEADS, HEAD_DIM = 2, 2, 8
 
 
@@ -57,11 +74,13 @@ class Server:
         self.count = 0
         self.flatten_ms: list[float] = []
         self.profiler, self.profiling = cProfile.Profile(), False
+        self.counting, self.decide_calls, self.flatten_calls = False, 0, 0
 
     def serve(self, ids, new_tokens: int, hints: dict, namespace: str):
         """One request: decide, materialize the reused tail (as init_load_back), 'compute' the
         rest (random KV), finish (captures). Returns (decision, decide_ms, output ids)."""
         self.count += 1
+        self.flatten_calls = 0
         out = [7 + (self.count * 31 + i) % 9000 for i in range(new_tokens)]
         req = types.SimpleNamespace(
             rid=f"r{self.count}", origin_input_ids=list(ids), extra_key=namespace,
@@ -75,7 +94,12 @@ class Server:
         if self.profiling:
             self.profiler.enable()
         start = time.perf_counter()
-        decision = self.runtime.decide(req)
+        if self.counting:
+            with CountCalls() as count:
+                decision = self.runtime.decide(req)
+            self.decide_calls = sum(count.calls.values())
+        else:
+            decision = self.runtime.decide(req)
         decide_ms = (time.perf_counter() - start) * 1e3
         if decision is not None and decision.kind == "reuse":
             d = decision.plan.layout.prefix_length          # x0: a radix hit on a server
@@ -93,6 +117,11 @@ def timed_flatten(server: Server):
     inner = plan_module.from_reuse_plan
 
     def wrapped(*args, **kwargs):
+        if server.counting:
+            with CountCalls() as count:
+                plan = inner(*args, **kwargs)
+            server.flatten_calls = sum(count.calls.values())
+            return plan
         start = time.perf_counter()
         try:
             return inner(*args, **kwargs)
@@ -115,8 +144,8 @@ def run(args) -> None:
                                  None if p.kind == "template" else "standin") for p in layout]
         server.serve(ids, 1, protocol.encode(agent=agent, layout=layout, template=True),
                      namespace)
-    rows = []
-    for r in range(args.warmup + args.workflows):
+    rows, calls = [], {}
+    for r in range(args.warmup + args.workflows + 1):     # the last one counts torch calls
         qid, question, lead = f"w{r}", work.ids(1024), work.ids(8)
         server.serve(lead + question, 1, protocol.encode(base=(f"{qid}.q", "user_question",
                                                                len(lead))), namespace)
@@ -125,24 +154,29 @@ def run(args) -> None:
             ids, layout = work.prompt(pieces, names, contents)
             name = f"agent_{agent}_current"
             hints = protocol.encode(agent=agent, layout=layout, capture=(f"{qid}.a{agent}", name))
-            timed = r >= args.warmup
+            counted = r == args.warmup + args.workflows
+            timed = args.warmup <= r < args.warmup + args.workflows
             server.flatten_ms.clear()
-            server.profiling = timed
+            server.profiling, server.counting = timed, counted
             decision, decide_ms, out = server.serve(ids, args.output_tokens, hints, namespace)
+            if counted:
+                calls[int(agent) + 1] = (server.decide_calls, server.flatten_calls)
             if timed:
                 rows.append({"agent": int(agent) + 1, "tokens": len(ids), "kind": decision.kind,
                              "decide_ms": decide_ms,
                              "flatten_ms": sum(server.flatten_ms) if server.flatten_ms else None})
             contents[name] = (f"{qid}.a{agent}", out[:-1])
     print(f"host path per agent (ms, medians of {args.workflows} workflows; CPU, tiny KV)")
-    print(f"{'agent':>5} {'tokens':>7} {'reused':>7} {'decide':>8} {'flatten':>8}")
+    print(f"{'agent':>5} {'tokens':>7} {'reused':>7} {'decide':>8} {'flatten':>8} "
+          f"{'torch calls: decide':>20} {'flatten':>8}")
     for agent in range(1, 6):
         mine = [x for x in rows if x["agent"] == agent]
         reused = [x for x in mine if x["kind"] == "reuse"]
         med = lambda key: statistics.median([x[key] for x in reused if x[key] is not None]  # noqa: E731
                                             or [float("nan")])
         print(f"{agent:>5} {mine[0]['tokens']:>7} {len(reused):>3}/{len(mine):<3} "
-              f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f}")
+              f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f} "
+              f"{calls.get(agent, ('-', '-'))[0]:>20} {calls.get(agent, ('-', '-'))[1]:>8}")
     anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
                for ph, p in ns.state.anchors.pools.items()}
     print(f"anchors per placeholder: {anchors}")

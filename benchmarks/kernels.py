@@ -20,8 +20,8 @@ host_syncs (synchronizing CUDA calls in one call, from torch's sync debug mode; 
     reuse-path         what a request waits for: softmax of the cached distances of the first
                        `anchors` anchors, plan flattening, Triton materialize (with validation)
     set-weights        that softmax alone (``planner.set_weights``: one stack + softmax per piece)
-    plan-flatten       ``from_reuse_plan`` alone (index columns by numpy in pinned memory, one
-                       non-blocking copy; weights: one cat / stack per column)
+    plan-flatten       ``from_reuse_plan`` alone (index columns and weight positions by numpy in
+                       pinned memory, one non-blocking copy; weights gathered from one table)
     entropy-gate       the predict-as-anchor gate on one piece (torch)
 """
 
@@ -286,11 +286,13 @@ def _slots_of(source):
 
 
 def reuse_plan(cfg, pieces, weights, device):
-    """What a request does after planning: attach the weights, flatten with the product's
-    ``from_reuse_plan`` (host-built index columns, one copy)."""
-    for i, (wk, wv, ck, cv) in enumerate(weights):
-        pieces[2 * i].weights_k, pieces[2 * i].weights_v = wk.t(), wv.t()
-        pieces[2 * i + 1].weights_k, pieces[2 * i + 1].weights_v = ck, cv
+    """What a request does after planning: attach the weights as the planner does, flatten with
+    the product's ``from_reuse_plan``."""
+    for i, w in enumerate(weights):
+        content, template = pieces[2 * i], pieces[2 * i + 1]
+        content.weights_k, content.weights_v, content.packed = w.token_k, w.token_v, w.packed
+        template.weights_k, template.weights_v, template.packed = (w.channel_k, w.channel_v,
+                                                                   w.packed)
     n = sum(p.source.length for p in pieces)
     dst = torch.arange(1, n + 1, device=device)
     return from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, _slots_of,
@@ -344,13 +346,9 @@ def bench_distances(cfg, timer, pool, rows):
 
 def request_weights(cached, a):
     """What a request computes from the distances cached at capture (as the planner keeps them,
-    ``Match`` rows), for its first a anchors: ``planner.set_weights`` per content piece, i.e.
-    token weights (T, A) and channel weights (A, L, H, D) for the template after it."""
-    out = []
-    for matches in cached:
-        wk, wv, ck, cv = set_weights(matches[:a], matches[0].ph_k.shape[0])
-        out.append((wk.t(), wv.t(), ck, cv))
-    return out
+    ``Match`` rows), for its first a anchors: ``planner.set_weights`` per content piece (token
+    weights for the content, channel weights for the template piece after it, packed)."""
+    return [set_weights(matches[:a], matches[0].ph_k.shape[0]) for matches in cached]
 
 
 def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):

@@ -8,6 +8,7 @@ and the anchor pools. Stored KV keeps the positions of its frame: all zeros when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -64,11 +65,20 @@ class Match:
                 for i, row in enumerate(packed)]
 
 
-def set_weights(matches: list[Match], tokens: int, temperature: float = 1.0):
-    """Softmax weights of one anchor set (spec §4.2): token wk, wv (A, T) and channel wk, wv
-    (A, L, H, D), from one stack and one softmax over the anchor axis of the packed rows."""
+class AnchorWeights(NamedTuple):
+    """Softmax weights of one content against one anchor set (spec §4.2)."""
+
+    token_k: torch.Tensor      # (A, T) per-token weights of the content's own tokens
+    token_v: torch.Tensor
+    channel_k: torch.Tensor    # (A, L, H, D) per-channel weights of the template piece after it
+    channel_v: torch.Tensor
+    packed: torch.Tensor       # (A, 2T + 2LHD): the four above back to back (they are views)
+
+
+def set_weights(matches: list[Match], tokens: int, temperature: float = 1.0) -> AnchorWeights:
+    """One stack and one softmax over the anchor axis of the packed distance rows."""
     packed = softmax_weights(torch.stack([m.packed for m in matches]), temperature)
-    return unpack(packed, tokens, matches[0].pf_k.shape)
+    return AnchorWeights(*unpack(packed, tokens, matches[0].pf_k.shape), packed)
 
 
 def unpack(packed: torch.Tensor, tokens: int, channel_shape) -> tuple[torch.Tensor, ...]:
@@ -101,6 +111,8 @@ class PiecePlan:
     anchors: list = field(default_factory=list)   # Anchor objects (same order as weights)
     weights_k: torch.Tensor | None = None         # content (A, T); template (A, L, H, D)
     weights_v: torch.Tensor | None = None
+    packed: torch.Tensor | None = None            # de-rotated mode: AnchorWeights.packed, which
+                                                  # weights_k / weights_v are views of
 
 
 @dataclass
@@ -205,8 +217,8 @@ class KVCommState:
         for anchor, match in zip(anchors, Match.batch(*found)):
             content.matches[anchor.key] = match
 
-    def _weights(self, content: Content, anchors: list):
-        """(token wk, token wv (A, T), channel wk, channel wv (A, L, H, D)) for this anchor set."""
+    def _weights(self, content: Content, anchors: list) -> AnchorWeights:
+        """The content's softmax weights for this anchor set (cached per anchor set)."""
         keys = tuple(a.key for a in anchors)
         if keys not in content.weights:
             missing = [a for a in anchors if a.key not in content.matches]
@@ -266,8 +278,9 @@ class KVCommState:
         content = self._content(key)
         anchors = self.anchors.pool(piece.placeholder).compatible(piece.length, agent)
         if self.config.derotated_storage:
-            wk, wv, _, _ = self._weights(content, anchors)
-            return PiecePlan("content", piece.placeholder, content.kv, piece.start, anchors, wk, wv)
+            w = self._weights(content, anchors)
+            return PiecePlan("content", piece.placeholder, content.kv, piece.start, anchors,
+                             w.token_k, w.token_v, w.packed)
         base_k, base_v = self._matching_view(content.kv, piece.start)
         embs_k = torch.stack([a.emb.k[:, : piece.length] for a in anchors])
         embs_v = torch.stack([a.emb.v[:, : piece.length] for a in anchors])
@@ -278,9 +291,9 @@ class KVCommState:
 
     def _plan_template(self, agent, piece, template, content, content_plan) -> PiecePlan:
         if self.config.derotated_storage:
-            _, _, wk, wv = self._weights(content, content_plan.anchors)
+            w = self._weights(content, content_plan.anchors)
             return PiecePlan("template", piece.placeholder, template.pieces[piece.index],
-                             piece.start, content_plan.anchors, wk, wv)
+                             piece.start, content_plan.anchors, w.channel_k, w.channel_v, w.packed)
         t = content.kv.length
         base_k, base_v = self._matching_view(content.kv, content_plan.start)
         tails_k = torch.stack([a.emb.k[:, a.length - t:] for a in content_plan.anchors])

@@ -68,15 +68,21 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
                     rows: tuple[int, int] | None = None) -> MaterializePlan:
     """Flatten a core ``ReusePlan`` (de-rotated storage) into a MaterializePlan.
 
-    ``slots_of(source)`` returns the (N,) pool slots of a stored KV as a CPU tensor; sources are
+    ``slots_of(source)`` returns the (N,) pool slots of a stored KV (a CPU tensor or a numpy
+    array, e.g. ``PoolKV.slots_np``); sources are
     the pieces' ``StoredKV`` and ``(anchor, consumer, "content" | "template")`` deviations.
-    ``rows = (lo, hi)`` keeps the destination positions in [lo, hi) (default: every piece);
-    ``dst_slots`` has one slot per kept position, in prompt order.
+    Every piece with anchors carries ``packed``, its content's (A, 2T + 2LHD) softmax weights
+    (``planner.AnchorWeights.packed``): content rows read their per-token weights from its first
+    2T columns, template rows their per-channel weights from the rest. ``rows = (lo, hi)`` keeps
+    the destination positions in [lo, hi) (default: every piece); ``dst_slots`` has one slot per
+    kept position, in prompt order.
 
-    The index columns (src, positions, group, deviation slots) are written by numpy into one
-    pinned host buffer and sent in one non-blocking copy; the token weights are one cat per
-    column (rows without per-token weights are views of a zero table) and the channel weights one
-    stack. No host sync, no per-token Python.
+    Everything per row or per piece is numpy on the host, written into one pinned buffer: the
+    index columns (src, positions, group, deviation slots) and the positions of each row's
+    weights in one table of the pieces' packed weights. The device then does a fixed handful of
+    launches whatever the number of pieces: one non-blocking copy, one concatenation of the
+    packed weights (plus a zero block that padded anchors and unweighted rows point at), and
+    gathers. No host sync.
     """
     device = dst_slots.device
     lo, hi = rows if rows is not None else (0, 1 << 62)
@@ -89,64 +95,92 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     if n != dst_slots.shape[0]:
         raise ValueError(f"plan covers {n} tokens, {dst_slots.shape[0]} dst slots given")
     a = max((len(p.anchors) for p, _, _ in kept), default=0)
-    host = _staging(device).take(n * (3 + a))
+    g = sum(1 for p, _, _ in kept if p.kind == "template" and p.anchors)
+    lhd = num_layers * num_heads * head_dim
+    chan_at = (3 + 3 * a) * n                      # layout of the host buffer, in int64s
+    host = _staging(device).take(chan_at + 2 * g * a)
     src, pos, group = host[:n], host[n:2 * n], host[2 * n:3 * n]
-    dev = host[3 * n:].reshape(n, a)
-    dev.fill(-1)
-    token_w, channel_w = ([], []), ([], [])
-    r = 0
+    dev, tok_k, tok_v = (host[(3 + i * a) * n:(3 + (i + 1) * a) * n].reshape(n, a)
+                         for i in range(3))
+    chan_k, chan_v = (host[chan_at + i * g * a:chan_at + (i + 1) * g * a].reshape(g, a)
+                      for i in range(2))
+    host[3 * n:].fill(-1)                  # no deviation; weight positions: the zero block
+    tables, bases, total, gi, r = [], {}, 0, 0, 0
     for piece, off, m in kept:
         if not _derotated(piece.source):
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
-        src[r:r + m] = slots_of(piece.source).numpy()[off:off + m]
+        src[r:r + m] = _numpy(slots_of(piece.source))[off:off + m]
         pos[r:r + m] = np.arange(piece.start + off, piece.start + off + m)
         for i, anchor in enumerate(piece.anchors):
-            dev[r:r + m, i] = slots_of((anchor, reuse.consumer, piece.kind)).numpy()[off:off + m]
+            dev[r:r + m, i] = _numpy(slots_of((anchor, reuse.consumer, piece.kind)))[off:off + m]
         by_channel = piece.kind == "template" and bool(piece.anchors)
-        group[r:r + m] = len(channel_w[0]) if by_channel else -1
-        for out, chan, w in zip(token_w, channel_w, (piece.weights_k, piece.weights_v)):
-            if piece.anchors and not by_channel:     # content: (A, T) -> rows (m, a)
-                out.append(_pad_last(w[:, off:off + m].T.to(device), a))
+        group[r:r + m] = gi if by_channel else -1
+        if piece.anchors:
+            packed = piece.packed
+            shape = None if packed is None else tuple(packed.shape)
+            if shape is None or len(shape) != 2 or shape[0] != len(piece.anchors) \
+                    or shape[1] < 2 * lhd or (shape[1] - 2 * lhd) % 2 \
+                    or packed.dtype != torch.float32:
+                raise ValueError(f"a {piece.kind} piece with {len(piece.anchors)} anchors needs "
+                                 f"fp32 packed weights (A, 2T + 2*{lhd}), got {shape}")
+            if id(packed) not in bases:
+                bases[id(packed)] = total
+                tables.append(packed)
+                total += shape[0] * shape[1]
+            width, k = shape[1], np.arange(shape[0])
+            tokens = (width - 2 * lhd) // 2
+            row0 = bases[id(packed)] + k * width
+            if by_channel:
+                chan_k[gi, :k.size] = row0 + 2 * tokens
+                chan_v[gi, :k.size] = row0 + 2 * tokens + lhd
+                gi += 1
             else:
-                out.append(_zeros(device, m, a))
-                if by_channel:                       # template: (A, L, H, D) per group
-                    chan.append(_pad_first(w.to(device), a))
+                if off + m > tokens:
+                    raise ValueError(f"content piece of {off + m} tokens, weights for {tokens}")
+                tok_k[r:r + m, :k.size] = row0[None, :] + np.arange(off, off + m)[:, None]
+                tok_v[r:r + m, :k.size] = tok_k[r:r + m, :k.size] + tokens
         r += m
+    weights = host[(3 + a) * n:]
+    weights[weights < 0] = total           # padded anchors and unweighted rows: the zero block
     columns = _staging(device).send(host, device)
-    shape = (0, a, num_layers, num_heads, head_dim)
-    # one cat per weight column and one stack per channel table: launches, not syncs
-    token_wk, token_wv = (torch.cat(t).to(device, torch.float32) if t else
-                          torch.zeros(0, a, device=device) for t in token_w)
-    channel_wk, channel_wv = (torch.stack(c).to(device, torch.float32) if c else
-                              torch.zeros(shape, device=device) for c in channel_w)
-    return MaterializePlan(dst_slots, columns[:n], columns[n:2 * n],
-                           columns[3 * n:].view(n, a), token_wk, token_wv, columns[2 * n:3 * n],
-                           channel_wk, channel_wv, first_corrected_layer, is_neox)
+    at = tables[0].device if tables else device
+    table = torch.cat([t.view(-1) for t in tables] + [_zero_block(at, lhd)]).to(device)
+    src_t, pos_t, group_t, dev_t, tok_k_t, tok_v_t, chan_k_t, chan_v_t = columns.split(
+        [n, n, n] + [n * a] * 3 + [g * a] * 2)
+    channel = [table[c.view(g, a, 1) + _arange(device, lhd)].view(g, a, num_layers, num_heads,
+                                                                  head_dim)
+               for c in (chan_k_t, chan_v_t)]
+    return MaterializePlan(dst_slots, src_t, pos_t, dev_t.view(n, a), table[tok_k_t.view(n, a)],
+                           table[tok_v_t.view(n, a)], group_t, *channel, first_corrected_layer,
+                           is_neox)
 
 
-_zero_tables: dict = {}
+_constants: dict = {}
 
 
-def _zeros(device: torch.device, rows: int, cols: int) -> torch.Tensor:
-    """A (rows, cols) fp32 zero view of a table kept per device (only ever read)."""
-    table = _zero_tables.get(device)
-    if table is None or table.shape[0] < rows or table.shape[1] < cols:
-        size = (max(rows, 4096, table.shape[0] if table is not None else 0),
-                max(cols, 32, table.shape[1] if table is not None else 0))
-        table = _zero_tables[device] = torch.zeros(size, device=device)
-    return table[:rows, :cols]
+def _zero_block(device: torch.device, size: int) -> torch.Tensor:
+    """(size,) fp32 zeros kept per device (only ever read)."""
+    key = ("zeros", device, size)
+    if key not in _constants:
+        _constants[key] = torch.zeros(size, device=device)
+    return _constants[key]
 
 
-def _pad_last(w: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.nn.functional.pad(w, (0, size - w.shape[-1])) if w.shape[-1] < size else w
+def _arange(device: torch.device, size: int) -> torch.Tensor:
+    key = ("arange", device, size)
+    if key not in _constants:
+        _constants[key] = torch.arange(size, device=device)
+    return _constants[key]
 
 
-def _pad_first(w: torch.Tensor, size: int) -> torch.Tensor:
-    pad = size - w.shape[0]
-    return torch.cat([w, w.new_zeros((pad,) + tuple(w.shape[1:]))]) if pad else w
+def _numpy(slots) -> np.ndarray:
+    return slots if isinstance(slots, np.ndarray) else slots.numpy()
 
 
 def _derotated(source) -> bool:
+    flag = getattr(source, "derotated", None)      # PoolKV knows it
+    if flag is not None:
+        return flag
     p = source.positions
     return not (p.numpy().any() if p.device.type == "cpu" else bool(p.any()))
 

@@ -373,7 +373,7 @@ def _slots_of(source) -> torch.Tensor:
         source = deviation.content if kind == "content" else deviation.template
     if not isinstance(source, PoolKV):
         raise TypeError(f"stored block {type(source).__name__} does not live in the pool")
-    return source.slots_cpu
+    return source.slots_np
 
 
 def _aborted(req) -> bool:

@@ -82,3 +82,76 @@ def test_read_range_stats_returns_extras_and_names_the_range():
     assert read_range_stats([("t", t, 0, 10)], (extra,)) == [7]
     with pytest.raises(ValueError, match=r"t has values in \[3, 9\], allowed \[4, 10\)"):
         read_range_stats([("t", t, 4, 10)])
+
+
+def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
+    """Pieces with 3 and 1 anchors (padded to 3), a piece without anchors, a row range that cuts
+    the first and the last piece: every weight equals the packed entry it must come from."""
+    from types import SimpleNamespace
+
+    from kvcomm_sglang.kernels.plan import from_reuse_plan
+    from kvcomm_sglang.planner import PiecePlan, unpack
+
+    L, H, D = 2, 2, 4
+    lhd, gen = L * H * D, torch.Generator().manual_seed(1)
+    slot = iter(range(1, 10_000))
+
+    def block(n):
+        return SimpleNamespace(length=n, positions=torch.zeros(n, dtype=torch.long),
+                               slots=torch.tensor([next(slot) for _ in range(n)]))
+
+    def packed(a, t):
+        return torch.rand(a, 2 * t + 2 * lhd, generator=gen).softmax(0).to(DEVICE)
+
+    def anchors(a, n):
+        return [SimpleNamespace(deviations={"c": SimpleNamespace(content=block(n),
+                                                                template=block(n))})
+                for _ in range(a)]
+
+    p1, p2 = packed(3, 5), packed(1, 4)
+    pieces, start = [], 0
+    for kind, n, a, p in (("content", 5, 3, p1), ("template", 3, 3, p1), ("template", 2, 0, None),
+                          ("content", 4, 1, p2), ("template", 3, 1, p2)):
+        w = None if p is None else unpack(p, (p.shape[1] - 2 * lhd) // 2, (L, H, D))
+        wk, wv = (None, None) if w is None else ((w[0], w[1]) if kind == "content" else (w[2], w[3]))
+        pieces.append(PiecePlan(kind, "x", block(n), start, anchors(a, n), wk, wv, p))
+        start += n
+
+    def slots_of(source):
+        if isinstance(source, tuple):
+            anchor, consumer, kind = source
+            source = getattr(anchor.deviations[consumer], kind)
+        return source.slots
+
+    lo, hi = 2, start - 1
+    dst = torch.arange(100, 100 + hi - lo, device=DEVICE)
+    plan = from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, slots_of, L, H, D,
+                           rows=(lo, hi))
+    assert plan.positions.tolist() == list(range(lo, hi))
+    wk, wv = plan.token_wk.cpu(), plan.token_wv.cpu()
+    for row, position in enumerate(range(lo, hi)):
+        piece = next(p for p in pieces if p.start <= position < p.start + p.source.length)
+        i, a = position - piece.start, len(piece.anchors)
+        assert torch.all(wk[row, a:] == 0) and torch.all(wv[row, a:] == 0)     # padding
+        if piece.kind == "content":
+            t = (piece.packed.shape[1] - 2 * lhd) // 2
+            assert torch.equal(wk[row, :a], piece.packed[:, i].cpu())
+            assert torch.equal(wv[row, :a], piece.packed[:, t + i].cpu())
+            assert int(plan.group[row]) == -1
+        else:
+            assert torch.all(wk[row] == 0) and torch.all(wv[row] == 0)
+        deviations = [slots_of((x, "c", piece.kind))[i] for x in piece.anchors]
+        assert plan.dev_slots[row].tolist() == deviations + [-1] * (3 - a)
+    groups = plan.group.cpu()
+    assert sorted(set(groups.tolist()) - {-1}) == [0, 1]
+    for g, piece in enumerate(p for p in pieces if p.kind == "template" and p.anchors):
+        a, t = len(piece.anchors), (piece.packed.shape[1] - 2 * lhd) // 2
+        want_k = piece.packed[:, 2 * t:2 * t + lhd].reshape(a, L, H, D).cpu()
+        want_v = piece.packed[:, 2 * t + lhd:].reshape(a, L, H, D).cpu()
+        assert torch.equal(plan.channel_wk[g, :a].cpu(), want_k)
+        assert torch.equal(plan.channel_wv[g, :a].cpu(), want_v)
+        assert torch.all(plan.channel_wk[g, a:] == 0) and torch.all(plan.channel_wv[g, a:] == 0)
+    with pytest.raises(ValueError, match="needs fp32 packed weights"):
+        pieces[0].packed = None
+        from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, slots_of, L, H, D,
+                        rows=(lo, hi))
