@@ -114,11 +114,18 @@ class KVCommRuntime:
 
     # ---- decisions (side-effect free apart from caching) ----
     def hints_of(self, req) -> protocol.Hints | None:
+        """The request's decoded hints, parsed once per request (the scheduler matches a
+        request's prefix several times; each decode is a JSON parse and a validation)."""
         custom = getattr(req.sampling_params, "custom_params", None)
+        cached = getattr(req, "_kvcomm_hints", None)
+        if cached is not None and cached[0] is custom:
+            return cached[1]
         try:
-            return protocol.decode(custom)
+            hints = protocol.decode(custom)
         except ValueError:      # refused at the HTTP edge; never trust it here
-            return None
+            hints = None
+        req._kvcomm_hints = (custom, hints)
+        return hints
 
     def namespace(self, name: str) -> Namespace:
         if name not in self.namespaces:

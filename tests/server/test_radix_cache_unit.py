@@ -127,3 +127,25 @@ def test_store_makes_room_inside_a_free_group(cache):
     assert not torch.isin(later, allocator.free_pages).any()
     allocator.free_group_end()
     assert torch.isin(later, allocator.free_pages).any()
+
+
+def test_hints_are_decoded_once_per_request(cache, monkeypatch):
+    """The scheduler matches a request's prefix several times: its hints are parsed once, and
+    again only if its custom_params object changes."""
+    from kvcomm_sglang import protocol
+    from kvcomm_sglang.runtime_patch import runtime as runtime_module
+
+    calls = []
+    decode = protocol.decode
+    monkeypatch.setattr(runtime_module.protocol, "decode",
+                        lambda custom: (calls.append(custom), decode(custom))[1])
+    req = plain_req()
+    req.sampling_params.custom_params = protocol.encode(agent="a", layout=[
+        protocol.Piece("template", 3)], template=True)
+    calls.clear()                                        # encode validates by decoding
+    runtime = cache.runtime
+    first = runtime.hints_of(req)
+    assert runtime.hints_of(req) is first and first.template and len(calls) == 1
+    req.sampling_params.custom_params = {"kvcomm": "not json"}
+    assert runtime.hints_of(req) is None and len(calls) == 2
+    assert runtime.hints_of(req) is None and len(calls) == 2
