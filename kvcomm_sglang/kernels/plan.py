@@ -69,8 +69,8 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     """Flatten a core ``ReusePlan`` (de-rotated storage) into a MaterializePlan.
 
     ``slots_of(source)`` returns the (N,) pool slots of a stored KV (a CPU tensor or a numpy
-    array, e.g. ``PoolKV.slots_np``); sources are
-    the pieces' ``StoredKV`` and ``(anchor, consumer, "content" | "template")`` deviations.
+    array, e.g. ``PoolKV.slots_np``); sources are the pieces' ``StoredKV`` and
+    ``(anchor, consumer, "content" | "template")`` deviations.
     Every piece with anchors carries ``packed``, its content's (A, 2T + 2LHD) softmax weights
     (``planner.AnchorWeights.packed``): content rows read their per-token weights from its first
     2T columns, template rows their per-channel weights from the rest. ``rows = (lo, hi)`` keeps

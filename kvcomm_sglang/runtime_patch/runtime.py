@@ -10,14 +10,15 @@ request finishes. Decisions depend only on token ids, message ids and the namesp
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 import logging
 import os
 import time
 import types
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -373,7 +374,7 @@ def pool_matcher(pool):
     return match
 
 
-def _slots_of(source) -> torch.Tensor:
+def _slots_of(source) -> np.ndarray:
     if isinstance(source, tuple):
         anchor, consumer, kind = source
         deviation = anchor.deviations[consumer]

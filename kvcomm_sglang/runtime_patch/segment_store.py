@@ -23,8 +23,7 @@ class PoolKV:
 
     def __init__(self, store: "SegmentStore", slots: torch.Tensor, positions: torch.Tensor):
         self.store, self.slots, self.positions = store, slots, positions.cpu()
-        self.slots_cpu = slots.cpu()      # plans are built on the host: no sync per request
-        self.slots_np = self.slots_cpu.numpy()
+        self.slots_np = slots.cpu().numpy()   # plans are built on the host: no sync per request
         self.derotated = not bool(self.positions.any())
         self.freed = False
 
