@@ -155,3 +155,57 @@ def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
         pieces[0].packed = None
         from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, slots_of, L, H, D,
                         rows=(lo, hi))
+
+
+@pytest.mark.parametrize("pairs", [2, 8])
+def test_from_reuse_plan_torch_calls_do_not_grow_per_row_or_piece(pairs):
+    """The host cost of a plan on a GPU is its number of torch calls that dispatch or launch
+    (property reads such as ``.shape`` are not counted): per piece only numpy work, per distinct
+    weight table one view, plus a fixed handful (copy, split, concatenation, gathers)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kvcomm_sglang.kernels.plan import from_reuse_plan
+    from kvcomm_sglang.planner import PiecePlan
+
+    L, H, D, a = 2, 2, 4, 3
+    lhd, slot = L * H * D, iter(range(1, 100_000))
+
+    def block(n):
+        return SimpleNamespace(length=n, derotated=True,
+                               slots=np.array([next(slot) for _ in range(n)]))
+
+    pieces, start = [], 0
+    for _ in range(pairs):
+        packed = torch.rand(a, 2 * 50 + 2 * lhd).to(DEVICE)
+        anchors = [SimpleNamespace(deviations={"c": SimpleNamespace(content=block(50),
+                                                                   template=block(6))})
+                   for _ in range(a)]
+        for kind, n in (("content", 50), ("template", 6)):
+            pieces.append(PiecePlan(kind, "x", block(n), start, anchors, None, None, packed))
+            start += n
+
+    def slots_of(source):
+        if isinstance(source, tuple):
+            anchor, consumer, kind = source
+            source = getattr(anchor.deviations[consumer], kind)
+        return source.slots
+
+    dst = torch.arange(200_000, 200_000 + start, device=DEVICE)
+    reuse = SimpleNamespace(consumer="c", pieces=pieces)
+    from_reuse_plan(reuse, dst, slots_of, L, H, D)         # first call: cached constants
+    with Count() as count:
+        from_reuse_plan(reuse, dst, slots_of, L, H, D)
+    dispatched = [name for name in count.names if name != "__get__"]
+    assert len(dispatched) <= 16 + pairs, dispatched
+
+
+class Count(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
