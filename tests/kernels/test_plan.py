@@ -1,13 +1,17 @@
-"""check_plan: metadata on the host, every data-dependent check in one device read."""
+"""check_plan: metadata on the host, every data-dependent check in one device read; and
+from_reuse_plan: where each weight comes from, and how many torch calls a plan costs."""
 
 import warnings
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from kvcomm_sglang.kernels import MaterializePlan, check_plan
-from kvcomm_sglang.kernels.plan import read_range_stats
+from kvcomm_sglang.kernels.plan import from_reuse_plan, read_range_stats
+from kvcomm_sglang.planner import PiecePlan, unpack
 from tests.kernels.test_materialize import make_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,11 +91,6 @@ def test_read_range_stats_returns_extras_and_names_the_range():
 def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
     """Pieces with 3 and 1 anchors (padded to 3), a piece without anchors, a row range that cuts
     the first and the last piece: every weight equals the packed entry it must come from."""
-    from types import SimpleNamespace
-
-    from kvcomm_sglang.kernels.plan import from_reuse_plan
-    from kvcomm_sglang.planner import PiecePlan, unpack
-
     L, H, D = 2, 2, 4
     lhd, gen = L * H * D, torch.Generator().manual_seed(1)
     slot = iter(range(1, 10_000))
@@ -117,15 +116,9 @@ def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
         pieces.append(PiecePlan(kind, "x", block(n), start, anchors(a, n), wk, wv, p))
         start += n
 
-    def slots_of(source):
-        if isinstance(source, tuple):
-            anchor, consumer, kind = source
-            source = getattr(anchor.deviations[consumer], kind)
-        return source.slots
-
     lo, hi = 2, start - 1
     dst = torch.arange(100, 100 + hi - lo, device=DEVICE)
-    plan = from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, slots_of, L, H, D,
+    plan = from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, _slots_of, L, H, D,
                            rows=(lo, hi))
     assert plan.positions.tolist() == list(range(lo, hi))
     wk, wv = plan.token_wk.cpu(), plan.token_wv.cpu()
@@ -140,7 +133,7 @@ def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
             assert int(plan.group[row]) == -1
         else:
             assert torch.all(wk[row] == 0) and torch.all(wv[row] == 0)
-        deviations = [slots_of((x, "c", piece.kind))[i] for x in piece.anchors]
+        deviations = [_slots_of((x, "c", piece.kind))[i] for x in piece.anchors]
         assert plan.dev_slots[row].tolist() == deviations + [-1] * (3 - a)
     groups = plan.group.cpu()
     assert sorted(set(groups.tolist()) - {-1}) == [0, 1]
@@ -153,7 +146,7 @@ def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
         assert torch.all(plan.channel_wk[g, a:] == 0) and torch.all(plan.channel_wv[g, a:] == 0)
     with pytest.raises(ValueError, match="needs fp32 packed weights"):
         pieces[0].packed = None
-        from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, slots_of, L, H, D,
+        from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, _slots_of, L, H, D,
                         rows=(lo, hi))
 
 
@@ -162,13 +155,6 @@ def test_from_reuse_plan_torch_calls_do_not_grow_per_row_or_piece(pairs):
     """The host cost of a plan on a GPU is its number of torch calls that dispatch or launch
     (property reads such as ``.shape`` are not counted): per piece only numpy work, per distinct
     weight table one view, plus a fixed handful (copy, split, concatenation, gathers)."""
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from kvcomm_sglang.kernels.plan import from_reuse_plan
-    from kvcomm_sglang.planner import PiecePlan
-
     L, H, D, a = 2, 2, 4, 3
     lhd, slot = L * H * D, iter(range(1, 100_000))
 
@@ -186,17 +172,11 @@ def test_from_reuse_plan_torch_calls_do_not_grow_per_row_or_piece(pairs):
             pieces.append(PiecePlan(kind, "x", block(n), start, anchors, None, None, packed))
             start += n
 
-    def slots_of(source):
-        if isinstance(source, tuple):
-            anchor, consumer, kind = source
-            source = getattr(anchor.deviations[consumer], kind)
-        return source.slots
-
     dst = torch.arange(200_000, 200_000 + start, device=DEVICE)
     reuse = SimpleNamespace(consumer="c", pieces=pieces)
-    from_reuse_plan(reuse, dst, slots_of, L, H, D)         # first call: cached constants
+    from_reuse_plan(reuse, dst, _slots_of, L, H, D)         # first call: cached constants
     with Count() as count:
-        from_reuse_plan(reuse, dst, slots_of, L, H, D)
+        from_reuse_plan(reuse, dst, _slots_of, L, H, D)
     dispatched = [name for name in count.names if name != "__get__"]
     assert len(dispatched) <= 16 + pairs, dispatched
 
@@ -209,3 +189,11 @@ class Count(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.names.append(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
+
+
+def _slots_of(source):
+    """``from_reuse_plan``'s slots_of for the hand-made blocks above (numpy or CPU tensors)."""
+    if isinstance(source, tuple):
+        anchor, consumer, kind = source
+        source = getattr(anchor.deviations[consumer], kind)
+    return source.slots
