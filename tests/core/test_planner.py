@@ -139,13 +139,19 @@ def test_t4_repeated_message_weights_and_formula():
     assert tail_err < 0.1 * relative_error(base_k[:, start:], real_k[:, start:])
 
 
-def test_materialize_reference_equals_planner_assembly():
-    world = World(seed=3)
+def reused_plan(seed: int):
+    """A warmed world and agent 2's ReusePlan of one more request whose messages all reuse."""
+    world = World(seed=seed)
     warm(world, 3)
     keys, out = run_request(world, {"user_question": False, "agent_0_current": False,
                                     "agent_1_current": False, "agent_2_current": False})
     plan = out["2"]
     assert isinstance(plan, ReusePlan)
+    return world, keys, plan
+
+
+def test_materialize_reference_equals_planner_assembly():
+    world, keys, plan = reused_plan(seed=3)
     needed = {ph: keys[ph] for ph in TEMPLATES["2"][1]}
     want_k, want_v = world.state.assemble("2", needed, plan)
     pool = TensorKVPool(L, 4096, H, D)
@@ -217,12 +223,7 @@ def test_cached_matches_equal_fresh_distances_and_follow_evictions():
     on freshly gathered anchors, and an evicted anchor leaves every cache."""
     from kvcomm_sglang.estimator import placeholder_distances, prefix_distances, softmax_weights
 
-    world = World(seed=5)
-    warm(world, 3)
-    keys, out = run_request(world, {"user_question": False, "agent_0_current": False,
-                                    "agent_1_current": False, "agent_2_current": False})
-    plan = out["2"]
-    assert isinstance(plan, ReusePlan)
+    world, keys, plan = reused_plan(seed=5)
     for content_plan, template_plan in zip(plan.pieces[0::2], plan.pieces[1::2]):
         base = content_plan.source
         t = base.length
