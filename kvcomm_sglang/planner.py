@@ -206,7 +206,23 @@ class KVCommState:
         pool.credit(keys[i] for i in gate.credited)
         content.gate = gate
         self.contents[key] = content
+        self.prepare_weights(content)
         return content
+
+    def prepare_weights(self, content: Content) -> None:
+        """De-rotated storage: ``content``'s softmax weights for the anchor set of every agent
+        whose template has its placeholder, computed now (when the content is captured, or when
+        its anchors change after a dense run) so that a plan only looks them up: the work leaves
+        the consumer's time to first token. A set computed here that no request uses is dropped
+        like any other (``MAX_WEIGHT_SETS``)."""
+        if not self.config.derotated_storage:
+            return
+        pool = self.anchors.pool(content.placeholder)
+        for agent, template in self.templates.items():
+            if content.placeholder in template.placeholders:
+                anchors = pool.compatible(content.kv.length, agent)
+                if anchors:
+                    self._weights(content, anchors)
 
     def _match(self, content: Content, anchors: list) -> None:
         """Distances of ``content`` to ``anchors`` (one batched call), kept on the content."""
@@ -374,6 +390,10 @@ class KVCommState:
             evicted += [(piece.placeholder, k) for k in pool.add(
                 content.key, emb, agent, Deviation(dev_content, dev_template))]
         evicted += self.anchors.enforce_budget()
+        changed = set(learn) | {ph for ph, _ in evicted}
+        for content in list(self.contents.values()):
+            if content.placeholder in changed:
+                self.prepare_weights(content)
         return evicted
 
     def _deviation(self, source: StoredKV, start: int, real_k, real_v):

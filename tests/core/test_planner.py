@@ -260,3 +260,43 @@ def test_matcher_hook_is_used_for_gate_and_weights():
         if isinstance(a[agent], ReusePlan):
             for pa, pb in zip(a[agent].pieces, b[agent].pieces):
                 assert torch.equal(pa.weights_k, pb.weights_k)
+
+
+
+def test_weights_are_ready_before_the_plan():
+    """A captured content's weights for every consumer's anchor set are computed at capture
+    (and after anchors change), so planning a request runs no stack and no softmax; they are
+    the estimator's weights on the anchors the plan uses."""
+    from torch.overrides import TorchFunctionMode
+
+    from kvcomm_sglang.estimator import placeholder_distances, softmax_weights
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    world = World(seed=11)
+    warm(world, 3)
+    keys, planned = {"user_question": world.content("user_question", 9).key}, 0
+    for i, agent in enumerate(AGENTS):
+        needed = {ph: keys[ph] for ph in TEMPLATES[agent][1]}
+        for key in needed.values():
+            world.state.contents[key].gate = GateResult(False, "forced")
+        with Calls() as calls:
+            plan = world.state.plan(agent, needed)
+        if isinstance(plan, ReusePlan):
+            planned += 1
+            assert not {"softmax", "stack"} & set(calls.names), (agent, calls.names)
+            for piece in plan.pieces[0::2]:
+                t = piece.source.length
+                heads = torch.stack([a.emb.k[:, :t] for a in piece.anchors])
+                want = softmax_weights(placeholder_distances(piece.source.k, heads))
+                assert torch.allclose(piece.weights_k, want)
+        if agent != "d":
+            keys[f"agent_{agent}_current"] = world.content(f"agent_{agent}_current", 6 + i).key
+    assert planned >= 3
