@@ -2,16 +2,20 @@
 
 The GPU TTFT run reports per reused call ``plan_ms`` (KVCommRuntime.decide: prompt checks,
 matching, weights) and ``materialize_ms`` (from_reuse_plan, validation, the kernel); most of it
-is Python on the host. This drives the real runtime with SGLang's own CPU pools and a tiny KV
-(2 layers, 2 heads, head dim 8) through the paper's workload (5 fully connected agents, 536-token
-x0, 1024-token input, 511-token messages; ``benchmarks/ttft_gpu.Workload``), so that host work
-can be measured and iterated on without a GPU. Per agent: median ms of ``decide`` and of
-``from_reuse_plan`` over the timed workflows (wall time on a shared CPU: noisy, ±50 % between
-runs), the number of torch calls each makes (a ``TorchFunctionMode`` count, one more workflow:
-the stable proxy, since on the GPU host every torch call costs microseconds of dispatch and
-launch), then cProfile's top functions of both.
+is Python on the host. This drives the real runtime with SGLang's own pools through the paper's
+workload (5 fully connected agents, 536-token x0, 1024-token input, 511-token messages;
+``benchmarks/ttft_gpu.Workload``), without a server: on the CPU with a tiny KV (2 layers, 2
+heads, head dim 8), so that host work can be iterated on without a GPU, or on a GPU with
+Llama-3.1-8B's KV shape (``--device cuda --shape llama8b``: the Triton matcher and kernel, the
+server's synchronized ``plan_ms`` / ``materialize_ms``). Per agent: median ms of ``decide``, of
+``from_reuse_plan``, of the runtime's own plan and materialize times over the timed workflows
+(wall time on a shared CPU: noisy, ±50 % between runs), the number of torch calls decide and
+flatten make (a ``TorchFunctionMode`` count, one more workflow: the stable proxy, since on the
+GPU host every torch call costs microseconds of dispatch and launch), then cProfile's top
+functions of both.
 
     python benchmarks/host_path.py [--warmup 3] [--workflows 5] [--top 25]
+    python benchmarks/host_path.py --device cuda --shape llama8b      # on the GPU machine
 """
 
 from __future__ import annotations
@@ -55,22 +59,27 @@ class CountCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls[getattr(func, "__name__", str(func))] += 1
         return func(*args, **(kwargs or {}))
-LAYERS, HEADS, HEAD_DIM = 2, 2, 8
+SHAPES = {"tiny": (2, 2, 8, torch.float32, POOL_TOKENS),       # layers, KV heads, head dim
+          "llama8b": (32, 8, 128, torch.bfloat16, 160_000)}      # ~the GPU server's pool
 
 
 class Server:
     """The parts of a scheduler the runtime talks to: pools, a request slot, a served call."""
 
-    def __init__(self, config: KVCommConfig):
-        self.pool = MHATokenToKVPool(size=POOL_TOKENS, page_size=1, dtype=torch.float32,
-                                     head_num=HEADS, head_dim=HEAD_DIM, layer_num=LAYERS,
-                                     device="cpu", enable_memory_saver=False,
+    def __init__(self, config: KVCommConfig, shape: str = "tiny", device: str = "cpu"):
+        layers, self.heads, self.head_dim, self.dtype, tokens = SHAPES[shape]
+        self.device = device
+        self.pool = MHATokenToKVPool(size=tokens, page_size=1, dtype=self.dtype,
+                                     head_num=self.heads, head_dim=self.head_dim,
+                                     layer_num=layers, device=device, enable_memory_saver=False,
                                      enable_alt_stream=False)
-        self.allocator = TokenToKVPoolAllocator(size=POOL_TOKENS, dtype=torch.float32,
-                                                device="cpu", kvcache=self.pool, need_sort=False)
-        self.req_to_token = torch.zeros((1, 8192), dtype=torch.int32)
-        self.runtime = KVCommRuntime(config, RopeSpec.build(HEAD_DIM, 10000.0), self.pool,
-                                     self.allocator, POOL_TOKENS, self.req_to_token)
+        self.allocator = TokenToKVPoolAllocator(size=tokens, dtype=self.dtype, device=device,
+                                                kvcache=self.pool, need_sort=False)
+        self.req_to_token = torch.zeros((1, 8192), dtype=torch.int32, device=device)
+        self.runtime = KVCommRuntime(config, RopeSpec.build(self.head_dim, 500000.0), self.pool,
+                                     self.allocator, tokens, self.req_to_token)
+        # on a GPU: the server's KVCOMM_PROFILE=1 timing (synchronize around plan, materialize)
+        self.runtime.profile = device != "cpu"
         self.count = 0
         self.flatten_ms: list[float] = []
         self.profiler, self.profiling = cProfile.Profile(), False
@@ -89,7 +98,8 @@ class Server:
         total = len(ids) + new_tokens
         slots = self.allocator.alloc(total)
         for buf in self.pool.k_buffer + self.pool.v_buffer:
-            buf[slots] = torch.randn(total, HEADS, HEAD_DIM)
+            buf[slots] = torch.randn(total, self.heads, self.head_dim, device=self.device,
+                                     dtype=self.dtype)
         self.req_to_token[0, :total] = slots.to(torch.int32)
         if self.profiling:
             self.profiler.enable()
@@ -133,7 +143,7 @@ def timed_flatten(server: Server):
 
 def run(args) -> None:
     config = KVCommConfig(gamma=1.0)          # as the GPU timing run: the gate is off
-    server = Server(config)
+    server = Server(config, args.shape, args.device)
     timed_flatten(server)
     work = Workload(5, 512, (1000, 128000), seed=0)
     namespace = "kvcomm:host-path"
@@ -163,12 +173,15 @@ def run(args) -> None:
                 calls[int(agent) + 1] = (server.decide_calls, server.flatten_calls)
             if timed:
                 rows.append({"agent": int(agent) + 1, "tokens": len(ids), "kind": decision.kind,
-                             "decide_ms": decide_ms,
+                             "decide_ms": decide_ms, "plan_ms": decision.plan_ms,
+                             "materialize_ms": decision.materialize_ms,
                              "flatten_ms": sum(server.flatten_ms) if server.flatten_ms else None})
             contents[name] = (f"{qid}.a{agent}", out[:-1])
-    print(f"host path per agent (ms, medians of {args.workflows} workflows; CPU, tiny KV)")
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
+    print(f"host path per agent (ms, medians of {args.workflows} workflows; {device}, "
+          f"{args.shape} KV)")
     print(f"{'agent':>5} {'tokens':>7} {'reused':>7} {'decide':>8} {'flatten':>8} "
-          f"{'torch calls: decide':>20} {'flatten':>8}")
+          f"{'plan':>8} {'mat.':>8} {'torch calls: decide':>20} {'flatten':>8}")
     for agent in range(1, 6):
         mine = [x for x in rows if x["agent"] == agent]
         reused = [x for x in mine if x["kind"] == "reuse"]
@@ -176,12 +189,13 @@ def run(args) -> None:
                                             or [float("nan")])
         print(f"{agent:>5} {mine[0]['tokens']:>7} {len(reused):>3}/{len(mine):<3} "
               f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f} "
+              f"{med('plan_ms'):>8.3f} {med('materialize_ms'):>8.3f} "
               f"{calls.get(agent, ('-', '-'))[0]:>20} {calls.get(agent, ('-', '-'))[1]:>8}")
     anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
                for ph, p in ns.state.anchors.pools.items()}
     print(f"anchors per placeholder: {anchors}")
-    print("cProfile of decide + materialize (the CPU backend's torch reference stands in for "
-          "the kernel)")
+    print("cProfile of decide + materialize" + (" (the CPU backend's torch reference stands in "
+                                                "for the kernel)" if args.device == "cpu" else ""))
     stats = pstats.Stats(server.profiler)
     stats.sort_stats(args.sort).print_stats(args.top)
 
@@ -192,6 +206,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workflows", type=int, default=5)
     parser.add_argument("--output-tokens", type=int, default=512)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="KV shape: tiny (2x2x8 fp32) or llama8b (32x8x128 bf16)")
     parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumtime)")
     run(parser.parse_args(argv))
 
