@@ -179,6 +179,7 @@ def summarize(calls: list[dict], agents: int) -> list[dict]:
             "reuse_path_ms": median([c["reuse_path_ms"] for c in reused if "reuse_path_ms" in c]),
             "plan_ms": median([c["plan_ms"] for c in reused if "plan_ms" in c]),
             "materialize_ms": median([c["materialize_ms"] for c in reused if "materialize_ms" in c]),
+            "flatten_ms": median([c["flatten_ms"] for c in reused if "flatten_ms" in c]),
             "kvcomm_reused_calls_ms": median([c["kvcomm_s"] * 1e3 for c in reused]),
             "dense_radix_hit_ms": median([c["dense_radix_hit_s"] * 1e3 for c in rows]),
             "reused_calls": len(reused), "calls": len(rows),
@@ -208,13 +209,13 @@ def print_table(agents: list[dict], device: str) -> None:
     print(f"\nTTFT per agent on {device} (ms, medians; dense = SGLang + radix cache, vanilla "
           "backend; hit = the same prompt again, all cached but one token)")
     print(f"{'agent':>5} {'prompt':>7} {'dense':>8} {'kvcomm':>8} {'ratio':>7} {'reuse path':>11} "
-          f"{'plan':>6} {'mat.':>6} {'hit':>7} {'reused':>7}  paper dense/ratio")
+          f"{'plan':>6} {'mat.':>6} {'flat.':>6} {'hit':>7} {'reused':>7}  paper dense/ratio")
     for a in agents:
         i = a["agent"] - 1
         paper = f"{PAPER_DENSE_MS[i]:.1f}/{PAPER_SPEEDUP[i]:.2f}x" if i < len(PAPER_DENSE_MS) else ""
         print(f"{a['agent']:>5} {a['prompt_tokens']:>7} {fmt(a['dense_ms']):>8} "
               f"{fmt(a['kvcomm_ms']):>8} {a['speedup']:>6.2f}x {fmt(a['reuse_path_ms']):>11} "
-              f"{fmt(a['plan_ms']):>6} {fmt(a['materialize_ms']):>6} "
+              f"{fmt(a['plan_ms']):>6} {fmt(a['materialize_ms']):>6} {fmt(a['flatten_ms']):>6} "
               f"{fmt(a['dense_radix_hit_ms']):>7} {a['reused_calls']:>3}/{a['calls']:<3}  {paper}")
 
 

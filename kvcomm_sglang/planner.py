@@ -174,7 +174,8 @@ class KVCommState:
                 raise ValueError(f"template piece span ({s}, {e}) does not fit {len(ids)} ids "
                                  f"in {k.shape[1]} template tokens")
             pieces.append(self.store(k[:, s:e], v[:, s:e], torch.arange(s, e)))
-        template = AgentTemplate(agent, [tuple(p) for p in piece_ids], list(placeholders), pieces)
+        template = AgentTemplate(agent, [tuple(map(int, p)) for p in piece_ids], list(placeholders),
+                                 pieces)
         self.templates[agent] = template
         return template
 
@@ -186,7 +187,7 @@ class KVCommState:
         key = segment_key(token_ids, self.namespace + "|" + placeholder)
         pool = self.anchors.pool(placeholder)
         cfg = self.config
-        content = Content(key, placeholder, tuple(token_ids), self.store(k, v, positions))
+        content = Content(key, placeholder, tuple(map(int, token_ids)), self.store(k, v, positions))
         anchors = list(pool.anchors.values())
         if cfg.derotated_storage:            # one batched match: the gate and the later weights
             available = tuple(i for i, a in enumerate(anchors) if a.length >= content.kv.length)

@@ -104,6 +104,7 @@ class KVCommRadixCache(RadixCache):
         decision.reused = n
         update_report(req, plan_ms=round(decision.plan_ms, 3),
                       materialize_ms=round(decision.materialize_ms, 3),
+                      flatten_ms=round(decision.flatten_ms, 3),
                       reuse_path_ms=round(decision.plan_ms + decision.materialize_ms, 3))
         return slots, new
 

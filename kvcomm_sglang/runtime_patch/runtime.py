@@ -47,6 +47,7 @@ class Decision:
     recompute: int = 1               # prompt tokens the model computes at the end (reuse)
     plan_ms: float = 0.0             # the reuse path's time: matching and weights
     materialize_ms: float = 0.0      # plan flattening, checks and the kernel
+    flatten_ms: float = 0.0          # of which plan flattening (host work, no GPU wait)
 
 
 class Namespace:
@@ -166,16 +167,16 @@ class KVCommRuntime:
         if names != template.placeholders:
             return Decision("dense", "layout_mismatch")
         for i, piece in enumerate(hints.layout):
-            span = list(ids[pos:pos + piece.length])
+            span = tuple(ids[pos:pos + piece.length])
             if piece.kind == "template":
-                if tuple(span) != template.piece_ids[i // 2]:
+                if span != template.piece_ids[i // 2]:
                     return Decision("dense", "template_mismatch")
             else:
                 key = ns.messages.get(piece.message)
                 content = ns.state.contents.get(key) if key else None
                 if content is None:
                     return Decision("dense", "unknown_message")
-                if tuple(span) != content.token_ids:
+                if span != content.token_ids:
                     return Decision("dense", "message_mismatch")
                 keys[piece.placeholder] = key
             pos += piece.length
@@ -208,12 +209,14 @@ class KVCommRuntime:
             ns = self.namespaces[req.extra_key]
             x0 = ns.state.templates[plan.consumer].pieces[0]
             pieces.insert(0, PiecePlan("template", None, x0, 0))
+        start = time.perf_counter()
         with _annotate("kvcomm.flatten"):
             work = from_reuse_plan(types.SimpleNamespace(consumer=plan.consumer, pieces=pieces),
                                    dst, _slots_of, self.num_layers, self.num_heads,
                                    self.head_dim, self.rope.is_neox,
                                    self.config.first_corrected_layer,
                                    rows=(d, n - decision.recompute))
+        decision.flatten_ms = (time.perf_counter() - start) * 1e3
         self._ensure_table(n)
         with _annotate("kvcomm.kernel"):
             materialize(work, self.pool, self.cos_sin, backend=self.backend)

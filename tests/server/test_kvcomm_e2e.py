@@ -37,6 +37,7 @@ def test_workflow_is_served_by_reuse_after_warmup(workflow_runs):
         timing = r.kvcomm["plan_ms"], r.kvcomm["materialize_ms"], r.kvcomm["reuse_path_ms"]
         assert all(t >= 0 for t in timing) and timing[2] > 0
         assert abs(timing[0] + timing[1] - timing[2]) < 0.01
+        assert 0 < r.kvcomm["flatten_ms"] <= timing[1]
     agree = sum(r.output_ids == d.output_ids for _, _, r, d, _ in reused) / len(reused)
     assert agree >= 0.6, f"only {agree:.0%} of reused calls agree with dense"
 
