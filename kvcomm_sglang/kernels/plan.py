@@ -70,7 +70,8 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
 
     ``slots_of(source)`` returns the (N,) pool slots of a stored KV (a CPU tensor or a numpy
     array, e.g. ``PoolKV.slots_np``); sources are the pieces' ``StoredKV`` and
-    ``(anchor, consumer, "content" | "template")`` deviations.
+    ``(anchor, consumer, "content" | "template")`` deviations. The pieces are in prompt order,
+    each starting where the previous one ends (a ``ReusePlan``'s are).
     Every piece with anchors carries ``packed``, its content's (A, 2T + 2LHD) softmax weights
     (``planner.AnchorWeights.packed``): content rows read their per-token weights from its first
     2T columns, template rows their per-channel weights from the rest. ``rows = (lo, hi)`` keeps
@@ -81,78 +82,95 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     index columns (src, positions, group, deviation slots) and the positions of each row's
     weights in one table of the pieces' packed weights. The device then does a fixed handful of
     launches whatever the number of pieces: one non-blocking copy, one concatenation of the
-    packed weights (plus a zero block that padded anchors and unweighted rows point at), and
-    gathers. No host sync.
+    packed weights (plus a zero block that padded anchors and unweighted rows point at), one
+    gather of the token weights and one of the channel weights (K and V together). No host
+    sync.
     """
     device = dst_slots.device
     lo, hi = rows if rows is not None else (0, 1 << 62)
-    kept = []
+    lhd = num_layers * num_heads * head_dim
+    kept, first, bases, tables, total = [], None, {}, [], 0
     for piece in reuse.pieces:
-        s, e = max(piece.start, lo), min(piece.start + piece.source.length, hi)
-        if s < e:
-            kept.append((piece, s - piece.start, e - s))
+        length = piece.source.length
+        s, e = max(piece.start, lo), min(piece.start + length, hi)
+        if s >= e:
+            continue
+        kept.append((piece, s - piece.start, e - s))
+        first = s if first is None else first
+        if piece.anchors:               # the weight tables, in order: their place in the table
+            packed = piece.packed
+            if id(packed) not in bases:
+                _check_packed(piece, packed, lhd)
+                count, width = packed.shape
+                bases[id(packed)] = (total, count, width)
+                tables.append(packed)
+                total += count * width
+            elif bases[id(packed)][1] != len(piece.anchors):
+                _check_packed(piece, packed, lhd)
     n = sum(m for _, _, m in kept)
     if n != dst_slots.shape[0]:
         raise ValueError(f"plan covers {n} tokens, {dst_slots.shape[0]} dst slots given")
     a = max((len(p.anchors) for p, _, _ in kept), default=0)
     g = sum(1 for p, _, _ in kept if p.kind == "template" and p.anchors)
-    lhd = num_layers * num_heads * head_dim
-    chan_at = (3 + 3 * a) * n                      # layout of the host buffer, in int64s
-    host = _staging(device).take(chan_at + 2 * g * a)
+    # the host buffer: src, pos, group, deviation slots (a, n) and token weight positions
+    # (2, a, n), anchor major so that each anchor's run of a piece is one contiguous write (the
+    # device transposes them), channel weight positions (2, g, a)
+    at_tok, at_chan = (3 + a) * n, (3 + 3 * a) * n
+    host = _staging(device).take(at_chan + 2 * g * a)
     src, pos, group = host[:n], host[n:2 * n], host[2 * n:3 * n]
-    dev, tok_k, tok_v = (host[(3 + i * a) * n:(3 + (i + 1) * a) * n].reshape(n, a)
-                         for i in range(3))
-    chan_k, chan_v = (host[chan_at + i * g * a:chan_at + (i + 1) * g * a].reshape(g, a)
-                      for i in range(2))
-    host[3 * n:].fill(-1)                  # no deviation; weight positions: the zero block
-    tables, bases, total, gi, r = [], {}, 0, 0, 0
+    dev = host[3 * n:at_tok].reshape(a, n)
+    tok = host[at_tok:at_chan].reshape(2, a, n)
+    chan = host[at_chan:].reshape(2, g, a)
+    host[2 * n:at_tok].fill(-1)            # content rows' group; no deviation
+    host[at_tok:].fill(total)              # padded anchors, unweighted rows: the zero block
+    gi, r = 0, 0
     for piece, off, m in kept:
+        if piece.start + off != (first if r == 0 else end):
+            raise ValueError(f"pieces must be contiguous in prompt order: one starts at "
+                             f"{piece.start + off}, the previous one ends at {end}")
+        end = piece.start + off + m
         if not _derotated(piece.source):
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
         src[r:r + m] = _numpy(slots_of(piece.source))[off:off + m]
-        pos[r:r + m] = np.arange(piece.start + off, piece.start + off + m)
         for i, anchor in enumerate(piece.anchors):
-            dev[r:r + m, i] = _numpy(slots_of((anchor, reuse.consumer, piece.kind)))[off:off + m]
-        by_channel = piece.kind == "template" and bool(piece.anchors)
-        group[r:r + m] = gi if by_channel else -1
+            dev[i, r:r + m] = _numpy(slots_of((anchor, reuse.consumer, piece.kind)))[off:off + m]
         if piece.anchors:
-            packed = piece.packed
-            shape = None if packed is None else tuple(packed.shape)
-            if shape is None or len(shape) != 2 or shape[0] != len(piece.anchors) \
-                    or shape[1] < 2 * lhd or (shape[1] - 2 * lhd) % 2 \
-                    or packed.dtype != torch.float32:
-                raise ValueError(f"a {piece.kind} piece with {len(piece.anchors)} anchors needs "
-                                 f"fp32 packed weights (A, 2T + 2*{lhd}), got {shape}")
-            if id(packed) not in bases:
-                bases[id(packed)] = total
-                tables.append(packed)
-                total += shape[0] * shape[1]
-            width, k = shape[1], np.arange(shape[0])
+            base, k, width = bases[id(piece.packed)]
             tokens = (width - 2 * lhd) // 2
-            row0 = bases[id(packed)] + k * width
-            if by_channel:
-                chan_k[gi, :k.size] = row0 + 2 * tokens
-                chan_v[gi, :k.size] = row0 + 2 * tokens + lhd
+            if piece.kind == "template":
+                group[r:r + m] = gi
+                chan[0, gi, :k] = np.arange(base + 2 * tokens, base + k * width, width)
+                chan[1, gi, :k] = chan[0, gi, :k] + lhd
                 gi += 1
             else:
                 if off + m > tokens:
                     raise ValueError(f"content piece of {off + m} tokens, weights for {tokens}")
-                tok_k[r:r + m, :k.size] = row0[None, :] + np.arange(off, off + m)[:, None]
-                tok_v[r:r + m, :k.size] = tok_k[r:r + m, :k.size] + tokens
+                for i in range(k):
+                    at_k = base + i * width + off
+                    tok[0, i, r:r + m] = np.arange(at_k, at_k + m)
+                    tok[1, i, r:r + m] = np.arange(at_k + tokens, at_k + tokens + m)
         r += m
-    weights = host[(3 + a) * n:]
-    weights[weights < 0] = total           # padded anchors and unweighted rows: the zero block
+    if n:
+        pos[:] = np.arange(first, first + n)
     columns = _staging(device).send(host, device)
     at = tables[0].device if tables else device
     table = torch.cat([t.view(-1) for t in tables] + [_zero_block(at, lhd)]).to(device)
-    src_t, pos_t, group_t, dev_t, tok_k_t, tok_v_t, chan_k_t, chan_v_t = columns.split(
-        [n, n, n] + [n * a] * 3 + [g * a] * 2)
-    channel = [table[c.view(g, a, 1) + _arange(device, lhd)].view(g, a, num_layers, num_heads,
-                                                                  head_dim)
-               for c in (chan_k_t, chan_v_t)]
-    return MaterializePlan(dst_slots, src_t, pos_t, dev_t.view(n, a), table[tok_k_t.view(n, a)],
-                           table[tok_v_t.view(n, a)], group_t, *channel, first_corrected_layer,
+    src_t, pos_t, group_t, dev_t, tok_t, chan_t = columns.split(
+        [n, n, n, n * a, 2 * n * a, 2 * g * a])
+    token_wk, token_wv = table[tok_t.view(2, a, n)].transpose(1, 2).contiguous().unbind()
+    channel_wk, channel_wv = table[chan_t.view(2, g, a, 1) + _arange(device, lhd)].view(
+        2, g, a, num_layers, num_heads, head_dim).unbind()
+    return MaterializePlan(dst_slots, src_t, pos_t, dev_t.view(a, n).t().contiguous(), token_wk,
+                           token_wv, group_t, channel_wk, channel_wv, first_corrected_layer,
                            is_neox)
+
+
+def _check_packed(piece, packed, lhd: int) -> None:
+    shape = None if packed is None else tuple(packed.shape)
+    if shape is None or len(shape) != 2 or shape[0] != len(piece.anchors) \
+            or shape[1] < 2 * lhd or (shape[1] - 2 * lhd) % 2 or packed.dtype != torch.float32:
+        raise ValueError(f"a {piece.kind} piece with {len(piece.anchors)} anchors needs "
+                         f"fp32 packed weights (A, 2T + 2*{lhd}), got {shape}")
 
 
 _constants: dict = {}

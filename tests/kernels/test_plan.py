@@ -144,6 +144,10 @@ def test_from_reuse_plan_places_packed_weights_and_pads_anchors():
         assert torch.equal(plan.channel_wk[g, :a].cpu(), want_k)
         assert torch.equal(plan.channel_wv[g, :a].cpu(), want_v)
         assert torch.all(plan.channel_wk[g, a:] == 0) and torch.all(plan.channel_wv[g, a:] == 0)
+    gap = pieces[:2] + pieces[3:]                 # positions must run on from piece to piece
+    with pytest.raises(ValueError, match="contiguous in prompt order"):
+        from_reuse_plan(SimpleNamespace(consumer="c", pieces=gap), dst[:hi - lo - 2], _slots_of,
+                        L, H, D, rows=(lo, hi))
     with pytest.raises(ValueError, match="needs fp32 packed weights"):
         pieces[0].packed = None
         from_reuse_plan(SimpleNamespace(consumer="c", pieces=pieces), dst, _slots_of, L, H, D,
