@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import importlib.util
 import pathlib
 import pstats
 import statistics
@@ -132,6 +133,7 @@ def timed_flatten(server: Server):
                 plan = inner(*args, **kwargs)
             server.flatten_calls = sum(count.calls.values())
             return plan
+        server.last_flatten = (args, kwargs)
         start = time.perf_counter()
         try:
             return inner(*args, **kwargs)
@@ -139,6 +141,28 @@ def timed_flatten(server: Server):
             server.flatten_ms.append((time.perf_counter() - start) * 1e3)
 
     runtime_module.from_reuse_plan = wrapped
+
+
+def compare_flatten(server: Server, other: str, reps: int = 400) -> None:
+    """``from_reuse_plan`` of this tree vs the one in ``other`` (a plan.py, e.g. from the
+    previous commit) on the last workflow's last plan, interleaved call by call in this
+    process: a host change measured against its predecessor in the same run."""
+    spec = importlib.util.spec_from_file_location("other_plan", other)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["other_plan"] = module
+    spec.loader.exec_module(module)
+    args, kwargs = server.last_flatten
+    sync = torch.cuda.synchronize if args[1].is_cuda else (lambda: None)
+    times = {"this": [], "other": []}
+    for _ in range(reps):
+        for name, fn in (("other", module.from_reuse_plan), ("this", plan_module.from_reuse_plan)):
+            sync()
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    this, base = (statistics.median(times[k]) for k in ("this", "other"))
+    print(f"from_reuse_plan, {args[1].shape[0]} rows, median of {reps} interleaved calls (host "
+          f"time): this tree {this:.3f} ms, {other} {base:.3f} ms ({this / base:.2f}x)")
 
 
 def run(args) -> None:
@@ -194,6 +218,8 @@ def run(args) -> None:
     anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
                for ph, p in ns.state.anchors.pools.items()}
     print(f"anchors per placeholder: {anchors}")
+    if args.compare_flatten:
+        compare_flatten(server, args.compare_flatten)
     print("cProfile of decide + materialize" + (" (the CPU backend's torch reference stands in "
                                                 "for the kernel)" if args.device == "cpu" else ""))
     stats = pstats.Stats(server.profiler)
@@ -207,6 +233,9 @@ def main(argv=None) -> None:
     parser.add_argument("--output-tokens", type=int, default=512)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
+    parser.add_argument("--compare-flatten", metavar="PLAN_PY", default=None,
+                        help="also time from_reuse_plan against another plan.py (e.g. the "
+                             "previous commit's) on the same plan, interleaved")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                         help="KV shape: tiny (2x2x8 fp32) or llama8b (32x8x128 bf16)")
     parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumtime)")
