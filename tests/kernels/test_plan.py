@@ -182,7 +182,9 @@ def test_from_reuse_plan_torch_calls_do_not_grow_per_row_or_piece(pairs):
     with Count() as count:
         from_reuse_plan(reuse, dst, _slots_of, L, H, D)
     dispatched = [name for name in count.names if name != "__get__"]
-    assert len(dispatched) <= 16 + pairs, dispatched
+    # 16 + pairs on the CPU (measured: 18 at 2 pairs); CUDA's pinned staging adds a few slices
+    # and the non-blocking copy. A per-piece torch call would add 2 * pairs.
+    assert len(dispatched) <= 20 + pairs, dispatched
 
 
 class Count(TorchFunctionMode):
