@@ -218,7 +218,7 @@ def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
                             host_syncs=count_syncs(check)))
 
 
-def triton_kernel_only(plan, pool, cos_sin):
+def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None):
     """``materialize_triton`` without its per-call validation and guard read: the plan is
     validated once here, then each call is the kernel's launch alone with a zero guard, so the
     timing is the fused kernel's own GPU time (what the bandwidth goal is about); the
@@ -228,20 +228,30 @@ def triton_kernel_only(plan, pool, cos_sin):
     check_plan(plan, pool, cos_sin)
     k_table, v_table, aligned = _pool_info(pool)
     guard = torch.zeros(1, dtype=torch.int32, device=pool.k_buffer[0].device)
-    return lambda: _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
+    return lambda: _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n,
+                           num_warps)
 
 
-def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows):
-    """Triton at other tile sizes, on the largest materialize shape (rows backend triton[bn,w])."""
-    n, a = max(cfg["tokens"]), max(cfg["anchors"])
-    plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
-    nbytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
-    copy_ms = timer.copy_ms(nbytes)
-    for block_n in (1, 2, 4, 8, 16):
-        for warps in (2, 4, 8):
-            ms = timer(lambda: materialize_triton(plan, pool, cos_sin, block_n, warps))
-            rows.append(row("materialize", f"triton[bn={block_n},w={warps}]", n, a, ms, nbytes,
-                            copy_ms))
+def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, anchors=None, distances=True):
+    """Triton at other tile sizes, on the largest token count and the given anchor counts
+    (default: the largest); rows backend triton[bn,w] time the whole call, triton-kernel[bn,w]
+    the kernel alone. Each row is printed as it is timed."""
+    n = max(cfg["tokens"])
+    for a in anchors or [max(cfg["anchors"])]:
+        plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
+        nbytes = materialize_bytes(cfg, n, a, pool.k_buffer[0].element_size())
+        copy_ms = timer.copy_ms(nbytes)
+        check_plan(plan, pool, cos_sin)
+        for block_n in (1, 2, 4, 8, 16):
+            for warps in (2, 4, 8):
+                call = lambda: materialize_triton(plan, pool, cos_sin, block_n, warps)  # noqa: E731
+                kernel = triton_kernel_only(plan, pool, cos_sin, block_n, warps)
+                for backend, fn in (("triton", call), ("triton-kernel", kernel)):
+                    rows.append(row("materialize", f"{backend}[bn={block_n},w={warps}]", n, a,
+                                    timer(fn), nbytes, copy_ms))
+                    print_table(rows[-1:], header=False)
+    if not distances:
+        return
     inputs = distance_inputs(cfg, cfg["match_anchors"], pool.k_buffer[0].device)
     tokens, nbytes = sum(cfg["content"]), distance_bytes(cfg, pool)
     copy_ms = timer.copy_ms(nbytes)
@@ -425,18 +435,19 @@ def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):
                     timer.copy_ms(gate_bytes)))
 
 
-def print_table(rows):
-    cols = (("op", "<19", None), ("backend", "<19", None), ("tokens", ">7", None),
+def print_table(rows, header=True):
+    cols = (("op", "<19", None), ("backend", "<25", None), ("tokens", ">7", None),
             ("anchors", ">8", None), ("ms", ">10", ".3f"), ("GB/s", ">9", ".1f"),
             ("copy_ms", ">9", ".3f"), ("bw_frac", ">8", ".2f"), ("max_rel_err", ">12", ".2e"),
             ("host_syncs", ">11", None))
-    print("".join(format(name, align) for name, align, _ in cols))
+    if header:
+        print("".join(format(name, align) for name, align, _ in cols))
     for r in rows:
         r = dict(r, **{"GB/s": r["bytes"] / r["ms"] / 1e6 if r["bytes"] else None,
                        "bw_frac": r["bandwidth_fraction"]})
         print("".join(format("-" if r[name] is None else
                              (format(r[name], fmt) if fmt else str(r[name])), align)
-                      for name, align, fmt in cols))
+                      for name, align, fmt in cols), flush=True)
 
 
 def main(argv=None):
@@ -449,6 +460,9 @@ def main(argv=None):
     parser.add_argument("--skip-torch", action="store_true", help="skip the torch reference rows")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top ops of the reuse path (first plan_anchors)")
+    parser.add_argument("--sweep-anchors", type=int, nargs="+", default=None,
+                        help="with --sweep-blocks: sweep the materialize tiles at these anchor "
+                             "counts (default: the largest) and skip the other benchmarks")
     parser.add_argument("--sweep-blocks", action="store_true",
                         help="also time Triton tile sizes (materialize BLOCK_N, distances BLOCK_T, "
                              "x num_warps) on the largest shapes")
@@ -485,12 +499,15 @@ def main(argv=None):
             del backends["flashinfer"]
             print(f"flashinfer: {fi_status}")
     rows = []
-    bench_materialize(cfg, timer, pool, cos_sin, backends, rows)
-    if args.sweep_blocks:
-        sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
-    cached = bench_distances(cfg, timer, pool, rows)
-    bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, args.profile)
-    print_table(rows)
+    if args.sweep_blocks and args.sweep_anchors:
+        sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, args.sweep_anchors, distances=False)
+    else:
+        bench_materialize(cfg, timer, pool, cos_sin, backends, rows)
+        if args.sweep_blocks:
+            sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
+        cached = bench_distances(cfg, timer, pool, rows)
+        bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, args.profile)
+        print_table(rows)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"
     result = dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
