@@ -14,10 +14,9 @@ half, then sin half); channels R..D pass through. Computes in fp32, stores in th
 
 Grid: (token blocks, layers, head blocks). Layers are reached through int64 tables of the
 buffers' data pointers (as SGLang's ``copy_all_layer_kv_cache_tiled`` does), so one launch
-covers all layers; anchors are a loop inside the program (unrolled at compile time for up to
-``MAX_UNROLL`` anchors: one compiled variant per count, the common case of a warm pool). A
-program holds a (BLOCK_N tokens, BLOCK_H heads, channels) tile: V over the whole head dim, K as
-the two halves of each rotary pair plus the pass-through tail.
+covers all layers; anchors are a loop inside the program. A program holds a
+(BLOCK_N tokens, BLOCK_H heads, channels) tile: V over the whole head dim, K as the two halves of
+each rotary pair plus the pass-through tail.
 """
 
 from __future__ import annotations
@@ -33,50 +32,30 @@ from kvcomm_sglang.kernels.validate import count_violations
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_ELEMENTS = 4096          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
 _MAX_BLOCK_N = 64
-MAX_UNROLL = 4                 # anchor counts up to this compile an unrolled anchor loop each
 _pointer_tables: dict = {}
 
 
 @triton.jit
-def _add_deviation(x, buf, slot_stride, dev_ptr, tok_w_ptr, chan_w_ptr, offs_n, n_mask, chan,
-                   mask, is_templ, chan_row, a, layer, num_anchors, num_layers, row_size,
-                   num_slots):
-    """x + w * (anchor a's deviation) on a tile."""
-    dev = tl.load(dev_ptr + offs_n * num_anchors + a, mask=n_mask, other=-1)
-    dev = tl.minimum(dev.to(tl.int64), num_slots - 1)
-    tok_w = tl.load(tok_w_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
-    chan_base = ((chan_row + a) * num_layers + layer) * row_size
-    chan_w = tl.load(chan_w_ptr + chan_base[:, None, None] + chan, mask=mask & is_templ,
-                     other=0.0)
-    w = tl.where(is_templ, chan_w, tok_w[:, None, None])
-    d = tl.load(buf + dev[:, None, None] * slot_stride + chan,
-                mask=mask & (dev >= 0)[:, None, None], other=0.0)
-    return x + w * d.to(tl.float32)
-
-
-@triton.jit
 def _corrected(buf, slot_stride, src, dev_ptr, tok_w_ptr, chan_w_ptr, group, offs_n, n_mask,
-               chan, chan_mask, layer, correct, num_anchors, num_layers, row_size, num_slots,
-               UNROLL: tl.constexpr):
-    """base + sum_a w * deviation on a (BLOCK_N, BLOCK_H, C) tile; chan = h * D + d. With
-    ``UNROLL`` = num_anchors > 0 the anchor loop is unrolled at compile time, so every anchor's
-    loads are in flight together; 0 keeps a runtime loop (many anchors, one compiled kernel)."""
+               chan, chan_mask, layer, correct, num_anchors, num_layers, row_size, num_slots):
+    """base + sum_a w * deviation on a (BLOCK_N, BLOCK_H, C) tile; chan = h * D + d."""
     mask = n_mask[:, None, None] & chan_mask
     x = tl.load(buf + src[:, None, None] * slot_stride + chan, mask=mask, other=0.0)
     x = x.to(tl.float32)
     if correct:
         is_templ = (group >= 0)[:, None, None]
         chan_row = tl.maximum(group, 0) * num_anchors
-        if UNROLL > 0:
-            for a in tl.static_range(UNROLL):
-                x = _add_deviation(x, buf, slot_stride, dev_ptr, tok_w_ptr, chan_w_ptr, offs_n,
-                                   n_mask, chan, mask, is_templ, chan_row, a, layer, UNROLL,
-                                   num_layers, row_size, num_slots)
-        else:
-            for a in range(num_anchors):
-                x = _add_deviation(x, buf, slot_stride, dev_ptr, tok_w_ptr, chan_w_ptr, offs_n,
-                                   n_mask, chan, mask, is_templ, chan_row, a, layer, num_anchors,
-                                   num_layers, row_size, num_slots)
+        for a in range(num_anchors):
+            dev = tl.load(dev_ptr + offs_n * num_anchors + a, mask=n_mask, other=-1)
+            dev = tl.minimum(dev.to(tl.int64), num_slots - 1)
+            tok_w = tl.load(tok_w_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
+            chan_base = ((chan_row + a) * num_layers + layer) * row_size
+            chan_w = tl.load(chan_w_ptr + chan_base[:, None, None] + chan,
+                             mask=mask & is_templ, other=0.0)
+            w = tl.where(is_templ, chan_w, tok_w[:, None, None])
+            d = tl.load(buf + dev[:, None, None] * slot_stride + chan,
+                        mask=mask & (dev >= 0)[:, None, None], other=0.0)
+            x += w * d.to(tl.float32)
     return x
 
 
@@ -88,7 +67,7 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
                         first_corrected, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         ROTARY_DIM: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_H: tl.constexpr, DIM_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-                        TAIL_PAD: tl.constexpr, ALIGNED: tl.constexpr, UNROLL: tl.constexpr):
+                        TAIL_PAD: tl.constexpr, ALIGNED: tl.constexpr):
     layer = tl.program_id(1)
     elem = pool_like.dtype.element_ty
     k_buf = tl.load(k_ptrs + layer).to(tl.pointer_type(elem))
@@ -120,8 +99,7 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
     d = tl.arange(0, DIM_PAD)[None, None, :]
     chan, c_mask = heads * HEAD_DIM + d, h_mask & (d < HEAD_DIM)
     v = _corrected(v_buf, v_stride, src, dev_ptr, tok_wv_ptr, chan_wv_ptr, group, offs_n, n_mask,
-                   chan, c_mask, layer, correct, num_anchors, num_layers, row_size, num_slots,
-                   UNROLL)
+                   chan, c_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
     tl.store(v_buf + dst[:, None, None] * v_stride + chan, v.to(elem), mask=n3 & c_mask)
 
     j = tl.arange(0, HALF_PAD)[None, None, :]
@@ -132,11 +110,9 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
     p_mask = h_mask & (j < ROTARY_DIM // 2)
     chan1, chan2 = heads * HEAD_DIM + i1, heads * HEAD_DIM + i2
     x1 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
-                    chan1, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots,
-                    UNROLL)
+                    chan1, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
     x2 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
-                    chan2, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots,
-                    UNROLL)
+                    chan2, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
     cs = cos_sin + pos[:, None, None] * cs_stride + j
     cs_mask = n3 & (j < ROTARY_DIM // 2)
     cos = tl.load(cs, mask=cs_mask, other=0.0)
@@ -150,7 +126,7 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
         chan_t, t_mask = heads * HEAD_DIM + t, h_mask & (t < HEAD_DIM)
         xt = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n,
                         n_mask, chan_t, t_mask, layer, correct, num_anchors, num_layers, row_size,
-                        num_slots, UNROLL)
+                        num_slots)
         tl.store(k_dst + chan_t, xt.to(elem), mask=n3 & t_mask)
 
 
@@ -203,8 +179,7 @@ def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None,
         BLOCK_N=block_n, BLOCK_H=block_h, DIM_PAD=dim_pad,
         HALF_PAD=triton.next_power_of_2(rotary_dim // 2),
         TAIL_PAD=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        ALIGNED=aligned, UNROLL=plan.num_anchors if plan.num_anchors <= MAX_UNROLL else 0,
-        num_warps=num_warps)
+        ALIGNED=aligned, num_warps=num_warps)
 
 
 def _block_sizes(heads: int, head_dim: int) -> tuple[int, int]:

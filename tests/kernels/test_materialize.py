@@ -7,7 +7,7 @@ import torch
 from kvcomm_sglang.kernels import MaterializePlan, TensorKVPool, materialize, materialize_reference
 from kvcomm_sglang.kernels import triton_materialize
 from kvcomm_sglang.kernels.flashinfer_rope import materialize_flashinfer
-from kvcomm_sglang.kernels.triton_materialize import MAX_UNROLL, materialize_triton
+from kvcomm_sglang.kernels.triton_materialize import materialize_triton
 from kvcomm_sglang.rope import RopeSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: interpreted (see conftest.py)
@@ -72,7 +72,7 @@ def run_and_compare(run, plan, pool, cos_sin, tol_scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("n_tokens", [1, 7, 33])
-@pytest.mark.parametrize("n_anchors", [0, 1, 3, MAX_UNROLL + 2])     # unrolled and runtime loops
+@pytest.mark.parametrize("n_anchors", [0, 1, 3])
 def test_triton_matches_reference(dtype, is_neox, n_tokens, n_anchors):
     case = make_case(n_tokens, n_anchors, dtype, is_neox, seed=n_tokens * 10 + n_anchors)
     run_and_compare(materialize_triton, *case)
