@@ -267,18 +267,8 @@ def test_weights_are_ready_before_the_plan():
     """A captured content's weights for every consumer's anchor set are computed at capture
     (and after anchors change), so planning a request runs no stack and no softmax; they are
     the estimator's weights on the anchors the plan uses."""
-    from torch.overrides import TorchFunctionMode
-
     from kvcomm_sglang.estimator import placeholder_distances, softmax_weights
-
-    class Calls(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
+    from tests.torch_calls import TorchCalls
 
     world = World(seed=11)
     warm(world, 3)
@@ -287,7 +277,7 @@ def test_weights_are_ready_before_the_plan():
         needed = {ph: keys[ph] for ph in TEMPLATES[agent][1]}
         for key in needed.values():
             world.state.contents[key].gate = GateResult(False, "forced")
-        with Calls() as calls:
+        with TorchCalls() as calls:
             plan = world.state.plan(agent, needed)
         if isinstance(plan, ReusePlan):
             planned += 1

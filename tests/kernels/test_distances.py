@@ -8,7 +8,7 @@ import torch
 from kvcomm_sglang.kernels import TensorKVPool
 from kvcomm_sglang.kernels import distances
 from kvcomm_sglang.kernels.distances import anchor_distances, anchor_distances_reference
-from tests.kernels.test_plan import HostReads
+from tests.torch_calls import TorchCalls
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: interpreted (see conftest.py)
 FIELDS = ("ph_k", "ph_v", "pf_k", "pf_v", "gate_v")
@@ -138,9 +138,9 @@ def test_refuses_bad_input(name):
 def test_reads_the_device_once():
     case = make_case(7, 2)
     anchor_distances(*case)                       # first call builds the cached pointer tables
-    with HostReads() as reads:
+    with TorchCalls() as reads:
         anchor_distances(*case)
-    assert reads.calls == ["tolist"]
+    assert reads.host_reads == ["tolist"]
 
 
 def test_pool_matcher_equals_reference_match():

@@ -245,14 +245,14 @@ def test_triton_guard_on_an_invalid_plan_reads_in_bounds_and_writes_nothing():
 
 def test_triton_reads_the_device_once_after_the_launch(monkeypatch):
     """Validation costs no extra round trip: the single host read follows the kernel launch."""
-    from tests.kernels.test_plan import HostReads
+    from tests.torch_calls import TorchCalls
 
     plan, pool, cos_sin = make_case(9, 2)
     events, launch = [], triton_materialize._launch
     monkeypatch.setattr(triton_materialize, "_launch",
                         lambda *a, **k: (events.append("launch"), launch(*a, **k))[1])
-    with HostReads() as reads:
-        reads.calls = events          # one ordered log of launches and host reads
+    with TorchCalls() as reads:
+        reads.host_reads = events     # one ordered log of launches and host reads
         materialize_triton(plan, pool, cos_sin)
     assert events == ["launch", "item"]
 

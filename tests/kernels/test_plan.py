@@ -7,42 +7,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from kvcomm_sglang.kernels import MaterializePlan, check_plan
 from kvcomm_sglang.kernels.plan import from_reuse_plan, read_range_stats
 from kvcomm_sglang.planner import PiecePlan, unpack
 from tests.kernels.test_materialize import make_case
+from tests.torch_calls import TorchCalls
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Torch calls that read device data back to the host (or size outputs by it).
-SYNCING = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "unique",
-           "nonzero", "bincount", "masked_select"}
-
-
-class HostReads(TorchFunctionMode):
-    """Counts syncing torch calls (and boolean-mask indexing) made inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        is_mask = name == "__getitem__" and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
-        if name in SYNCING or is_mask:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("n_tokens,n_anchors", [(7, 2), (33, 0)])
 def test_check_plan_reads_the_device_once(n_tokens, n_anchors):
     plan, pool, cos_sin = make_case(n_tokens, n_anchors)
-    with HostReads() as reads:
+    with TorchCalls() as reads:
         check_plan(plan, pool, cos_sin)
-    assert reads.calls == ["tolist"]
+    assert reads.host_reads == ["tolist"]
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -61,9 +41,9 @@ def test_check_plan_empty_plan_reads_nothing():
     empty = MaterializePlan(*(getattr(plan, f)[:0] for f in ("dst_slots", "src_slots",
                             "positions", "dev_slots", "token_wk", "token_wv", "group")),
                             plan.channel_wk, plan.channel_wv)
-    with HostReads() as reads:
+    with TorchCalls() as reads:
         check_plan(empty, pool, cos_sin)
-    assert reads.calls == []
+    assert reads.host_reads == []
 
 
 def test_first_failing_check_wins():
@@ -179,22 +159,12 @@ def test_from_reuse_plan_torch_calls_do_not_grow_per_row_or_piece(pairs):
     dst = torch.arange(200_000, 200_000 + start, device=DEVICE)
     reuse = SimpleNamespace(consumer="c", pieces=pieces)
     from_reuse_plan(reuse, dst, _slots_of, L, H, D)         # first call: cached constants
-    with Count() as count:
+    with TorchCalls() as calls:
         from_reuse_plan(reuse, dst, _slots_of, L, H, D)
-    dispatched = [name for name in count.names if name != "__get__"]
+    dispatched = calls.dispatched
     # 16 + pairs on the CPU (measured: 18 at 2 pairs); CUDA's pinned staging adds a few slices
     # and the non-blocking copy. A per-piece torch call would add 2 * pairs.
     assert len(dispatched) <= 20 + pairs, dispatched
-
-
-class Count(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
 
 
 def _slots_of(source):
