@@ -45,7 +45,7 @@ class Decision:
     version: int = -1
     reused: int = 0                  # tokens materialized at load-back
     recompute: int = 1               # prompt tokens the model computes at the end (reuse)
-    plan_ms: float = 0.0             # the reuse path's time: matching and weights
+    plan_ms: float = 0.0             # the reuse path's time: prompt checks and the plan
     materialize_ms: float = 0.0      # plan flattening, checks and the kernel
     flatten_ms: float = 0.0          # of which plan flattening (host work, no GPU wait)
 
