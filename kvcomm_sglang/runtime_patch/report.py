@@ -3,7 +3,7 @@
 SGLang 0.5.17 forwards ``req.customized_info[key]`` to the response's ``meta_info[key]`` as one
 entry per output token; KVCOMM reports once, on the first output token:
 ``meta_info["kvcomm"][0] = {"mode": "reuse"|"dense", "reused_tokens": n, "fallback_reason": r}``,
-plus, on reuse, the reuse path's time: ``plan_ms`` (prompt checks, matching, weights),
+plus, on reuse, the reuse path's time: ``plan_ms`` (prompt checks and planning),
 ``materialize_ms`` (plan flattening, validation and the kernel; ``flatten_ms`` of it is the
 flattening) and their sum ``reuse_path_ms``.
 """
