@@ -37,6 +37,8 @@ class KVCommConfig:
     store_anchor_fraction: float = 0.75  # server: anchors of a namespace may hold this share
                                          # of the store (unless anchor_budget_bytes is given)
     store_budget_fraction: float = 0.5  # share of a server's KV pool the segment store may hold
+    match_cache_bytes: int = 1 << 30   # distances and weights cached on contents, outside the
+                                       # KV pool; per server (all namespaces), LRU over contents
     min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
     recompute_last_piece: bool = False  # True: recompute the whole last template piece (the
@@ -62,6 +64,8 @@ class KVCommConfig:
                  f"store_anchor_fraction must be in (0, 1], got {self.store_anchor_fraction}")
         _require(self.anchor_budget_bytes > 0,
                  f"anchor_budget_bytes must be > 0, got {self.anchor_budget_bytes}")
+        _require(self.match_cache_bytes > 0,
+                 f"match_cache_bytes must be > 0, got {self.match_cache_bytes}")
         _require(0.0 < self.store_budget_fraction <= 1.0,
                  f"store_budget_fraction must be in (0, 1], got {self.store_budget_fraction}")
         _require(self.min_segment_tokens >= 1,

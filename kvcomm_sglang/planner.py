@@ -7,6 +7,7 @@ and the anchor pools. Stored KV keeps the positions of its frame: all zeros when
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ class Content:
     # softmax weights per anchor set; a request then only selects rows
     matches: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    cache_nbytes: int = 0     # bytes of the two caches above (``MatchCache`` bounds them)
 
 
 @dataclass
@@ -56,12 +58,14 @@ class Match:
     pf_v: torch.Tensor        # (L, H, D)
     gate_v: torch.Tensor      # () Frobenius distance of V, head-aligned (spec §5.1)
     packed: torch.Tensor      # (2T + 2LHD,)
+    nbytes: int = 0           # of packed
 
     @classmethod
     def batch(cls, ph_k, ph_v, pf_k, pf_v, gate_v) -> list["Match"]:
         """One Match per anchor row of a matcher's five (A, ...) tensors (one cat for all)."""
         packed = torch.cat([ph_k, ph_v, pf_k.flatten(1), pf_v.flatten(1)], dim=1).float()
-        return [cls(*unpack(row, ph_k.shape[1], pf_k.shape[1:]), gate_v[i], row)
+        nbytes = _nbytes(packed[0]) if len(packed) else 0
+        return [cls(*unpack(row, ph_k.shape[1], pf_k.shape[1:]), gate_v[i], row, nbytes)
                 for i, row in enumerate(packed)]
 
 
@@ -135,15 +139,57 @@ class Fallback:
 MAX_WEIGHT_SETS = 8        # softmax weights kept per content (distinct anchor sets)
 
 
+class MatchCache:
+    """The byte budget of what contents cache outside the KV pool (their distances to anchors
+    and their softmax weights), shared by every namespace of a server. Over budget, the least
+    recently used contents lose both caches; a later plan computes them again. ``used`` can
+    exceed the budget only by the caches of the one content being updated."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.entries: OrderedDict[int, tuple[Content, int]] = OrderedDict()   # LRU first
+        self.dropped = 0                                    # contents whose caches were dropped
+
+    def update(self, content: Content, used: bool = True) -> None:
+        """``content``'s caches changed, or were used (``used``: it becomes the most recent)."""
+        old = self.entries.pop(id(content), None)
+        self.used -= old[1] if old is not None else 0
+        if content.cache_nbytes:
+            self.entries[id(content)] = (content, content.cache_nbytes)
+            if not used and old is not None:      # keep its place in the LRU order
+                self.entries.move_to_end(id(content), last=False)
+            self.used += content.cache_nbytes
+        while self.used > self.budget and len(self.entries) > 1:
+            key = next(iter(self.entries))
+            if key == id(content):
+                self.entries.move_to_end(key)
+                key = next(iter(self.entries))
+            victim, size = self.entries.pop(key)
+            self.used -= size
+            victim.matches, victim.weights, victim.cache_nbytes = {}, {}, 0
+            self.dropped += 1
+
+    def forget(self, content: Content) -> None:
+        old = self.entries.pop(id(content), None)
+        if old is not None:
+            self.used -= old[1]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class KVCommState:
     def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = "",
-                 make_kv=StoredKV, on_evict=None, matcher=None):
+                 make_kv=StoredKV, on_evict=None, matcher=None, cache: MatchCache | None = None):
         """``make_kv(k, v, positions)`` builds every stored block (default: plain tensors);
         ``on_evict(anchor)`` is told of every anchor the pools drop; ``matcher(kv, embs)`` returns
-        ``reference_match``'s five tensors (default: ``reference_match``)."""
+        ``reference_match``'s five tensors (default: ``reference_match``); ``cache`` bounds the
+        contents' distances and weights (default: this state's own, ``match_cache_bytes``)."""
         self.config, self.rope, self.namespace = config, rope, namespace
         self.make_kv = make_kv
         self.matcher = matcher
+        self.cache = cache if cache is not None else MatchCache(config.match_cache_bytes)
         self.on_evict = on_evict
         self.templates: dict[str, AgentTemplate] = {}
         self.contents: dict[str, Content] = {}
@@ -151,8 +197,12 @@ class KVCommState:
 
     def _anchor_evicted(self, anchor) -> None:
         for content in self.contents.values():
-            if content.matches.pop(anchor.key, None) is not None:
-                content.weights = {k: w for k, w in content.weights.items() if anchor.key not in k}
+            match = content.matches.pop(anchor.key, None)
+            if match is not None:
+                gone = [k for k in content.weights if anchor.key in k]
+                content.cache_nbytes -= match.nbytes + sum(
+                    _nbytes(content.weights.pop(k).packed) for k in gone)
+                self.cache.update(content, used=False)
         if self.on_evict is not None:
             self.on_evict(anchor)
 
@@ -206,6 +256,9 @@ class KVCommState:
         keys = list(pool.anchors)
         pool.credit(keys[i] for i in gate.credited)
         content.gate = gate
+        replaced = self.contents.get(key)
+        if replaced is not None:
+            self.cache.forget(replaced)
         self.contents[key] = content
         self.prepare_weights(content)
         return content
@@ -232,7 +285,10 @@ class KVCommState:
         else:
             found = reference_match(content.kv, [a.emb for a in anchors], self.config.distance_dtype)
         for anchor, match in zip(anchors, Match.batch(*found)):
+            old = content.matches.get(anchor.key)
             content.matches[anchor.key] = match
+            content.cache_nbytes += match.nbytes - (old.nbytes if old is not None else 0)
+        self.cache.update(content)
 
     def _weights(self, content: Content, anchors: list) -> AnchorWeights:
         """The content's softmax weights for this anchor set (cached per anchor set)."""
@@ -241,11 +297,16 @@ class KVCommState:
             missing = [a for a in anchors if a.key not in content.matches]
             if missing:
                 self._match(content, missing)
-            content.weights[keys] = set_weights([content.matches[key] for key in keys],
-                                                content.kv.length, self.config.temperature)
+            weights = set_weights([content.matches[key] for key in keys], content.kv.length,
+                                  self.config.temperature)
+            content.weights[keys] = weights
+            content.cache_nbytes += _nbytes(weights.packed)
             while len(content.weights) > MAX_WEIGHT_SETS:
-                content.weights.pop(next(iter(content.weights)))
-        return content.weights[keys]
+                content.cache_nbytes -= _nbytes(content.weights.pop(next(iter(content.weights)))
+                                                .packed)
+        weights = content.weights[keys]
+        self.cache.update(content)
+        return weights
 
     def register_response(self, placeholder: str, generated_ids, k: torch.Tensor,
                           v: torch.Tensor, prompt_length: int) -> Content:
@@ -410,9 +471,19 @@ class KVCommState:
         base_k = source.keys_at(dst, self.rope)
         return self.make_kv(rk - base_k, rv - base_v, dst), self.make_kv(base_k, base_v, dst)
 
+    def release_caches(self) -> None:
+        """Give every content's distances and weights back to the shared budget (the namespace
+        is going away)."""
+        for content in self.contents.values():
+            self.cache.forget(content)
+            content.matches, content.weights, content.cache_nbytes = {}, {}, 0
+
     def drop_content(self, key: str) -> Content | None:
         """Forget a content (its base KV was evicted); plans that need it fall back."""
-        return self.contents.pop(key, None)
+        content = self.contents.pop(key, None)
+        if content is not None:
+            self.cache.forget(content)
+        return content
 
     def _template(self, agent: str) -> AgentTemplate:
         if agent not in self.templates:

@@ -27,7 +27,8 @@ from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kernels import materialize
 from kvcomm_sglang.kernels.plan import from_reuse_plan
 from kvcomm_sglang.metrics import ReuseStats
-from kvcomm_sglang.planner import Fallback, KVCommState, PiecePlan, ReusePlan, reference_match
+from kvcomm_sglang.planner import (Fallback, KVCommState, MatchCache, PiecePlan, ReusePlan,
+                                   reference_match)
 from kvcomm_sglang.rope import RopeSpec
 from kvcomm_sglang.runtime_patch.segment_store import PoolKV, SegmentStore, StoreFull
 
@@ -54,7 +55,8 @@ class Namespace:
     def __init__(self, name: str, runtime: "KVCommRuntime"):
         self.name, self.runtime = name, runtime
         self.state = KVCommState(runtime.config, runtime.rope, name, make_kv=runtime.store.make,
-                                 on_evict=self._anchor_evicted, matcher=runtime.matcher)
+                                 on_evict=self._anchor_evicted, matcher=runtime.matcher,
+                                 cache=runtime.match_cache)
         self.messages: OrderedDict[str, str] = OrderedDict()     # message id -> content key
         self.version = 0
 
@@ -109,6 +111,7 @@ class KVCommRuntime:
         # anchor matching read in place from the pool (Triton) where the kernels run compiled
         self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") else None
         self.profile = k0.is_cuda and os.environ.get("KVCOMM_PROFILE") == "1"
+        self.match_cache = MatchCache(config.match_cache_bytes)     # one budget, all namespaces
         self.namespaces: OrderedDict[str, Namespace] = OrderedDict()
         self.decisions: dict[str, Decision] = {}
         self.stats = ReuseStats()
@@ -320,6 +323,7 @@ class KVCommRuntime:
 
     def drop_namespace(self, name: str) -> None:
         ns = self.namespaces.pop(name)
+        ns.state.release_caches()
         for pool in ns.state.anchors.pools.values():
             while len(pool):
                 pool.evict_one()

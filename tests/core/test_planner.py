@@ -290,3 +290,37 @@ def test_weights_are_ready_before_the_plan():
         if agent != "d":
             keys[f"agent_{agent}_current"] = world.content(f"agent_{agent}_current", 6 + i).key
     assert planned >= 3
+
+
+def test_match_cache_budget_drops_least_recent_caches_and_plans_stay_the_same():
+    """Distances and weights live outside the KV pool: their bytes are accounted over all
+    contents and bounded, least recently used first; a content that lost its caches gets the
+    same weights again when a plan needs them."""
+    reuse_all = {"user_question": False, "agent_0_current": False, "agent_1_current": False,
+                 "agent_2_current": False}
+    free = World(seed=13)
+    warm(free, 3)
+    _, want = run_request(free, reuse_all)
+    largest = max(c.cache_nbytes for c in free.state.contents.values())
+    assert free.state.cache.dropped == 0 and largest > 0
+
+    budget = 2 * largest
+    tight = World(KVCommConfig(match_cache_bytes=budget), seed=13)
+    warm(tight, 3)
+    keys, got = run_request(tight, reuse_all)
+    cache = tight.state.cache
+    assert cache.dropped > 0
+    assert cache.used == sum(c.cache_nbytes for c in tight.state.contents.values())
+    assert cache.used <= budget + largest
+    for agent in AGENTS:
+        assert type(got[agent]) is type(want[agent]), agent
+        if isinstance(want[agent], ReusePlan):
+            for a, b in zip(got[agent].pieces, want[agent].pieces):
+                assert torch.allclose(a.weights_k, b.weights_k), agent
+                assert torch.allclose(a.weights_v, b.weights_v), agent
+    content = tight.state.contents[keys["user_question"]]
+    before = cache.used
+    tight.state.drop_content(content.key)
+    assert cache.used == before - content.cache_nbytes
+    tight.state.release_caches()
+    assert cache.used == 0 and not cache.entries

@@ -149,3 +149,19 @@ def test_hints_are_decoded_once_per_request(cache, monkeypatch):
     req.sampling_params.custom_params = {"kvcomm": "not json"}
     assert runtime.hints_of(req) is None and len(calls) == 2
     assert runtime.hints_of(req) is None and len(calls) == 2
+
+
+def test_namespaces_share_one_match_cache_budget(cache):
+    """The distances and weights cached outside the KV pool count against one server-wide
+    budget; a namespace that goes away gives its share back."""
+    runtime = cache.runtime
+    a, b = runtime.namespace("kvcomm:a"), runtime.namespace("kvcomm:b")
+    assert a.state.cache is b.state.cache is runtime.match_cache
+    for ns, token in ((a, 1), (b, 2)):
+        content = ns.state.register_content("user_question", [token] * 4, torch.randn(2, 4, 2, 8),
+                                            torch.randn(2, 4, 2, 8), torch.arange(4))
+        content.cache_nbytes = 1000                  # stands in for distances and weights
+        ns.state.cache.update(content)
+    assert runtime.match_cache.used == 2000
+    runtime.drop_namespace("kvcomm:a")
+    assert runtime.match_cache.used == 1000 and len(runtime.match_cache.entries) == 1
