@@ -1,8 +1,8 @@
 """Host-side cost of the reuse path in the server's runtime, on the paper's workload shape.
 
-The GPU TTFT run reports per reused call ``plan_ms`` (KVCommRuntime.decide: prompt checks,
-matching, weights) and ``materialize_ms`` (from_reuse_plan, validation, the kernel); most of it
-is Python on the host. This drives the real runtime with SGLang's own pools through the paper's
+The GPU TTFT run reports per reused call ``plan_ms`` (KVCommRuntime.decide: prompt checks and
+planning) and ``materialize_ms`` (from_reuse_plan, validation, the kernel); most of it is Python
+on the host. This drives the real runtime with SGLang's own pools through the paper's
 workload (5 fully connected agents, 536-token x0, 1024-token input, 511-token messages;
 ``benchmarks/ttft_gpu.Workload``), without a server: on the CPU with a tiny KV (2 layers, 2
 heads, head dim 8), so that host work can be iterated on without a GPU, or on a GPU with
@@ -60,6 +60,8 @@ class CountCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls[getattr(func, "__name__", str(func))] += 1
         return func(*args, **(kwargs or {}))
+
+
 SHAPES = {"tiny": (2, 2, 8, torch.float32, POOL_TOKENS),       # layers, KV heads, head dim
           "llama8b": (32, 8, 128, torch.bfloat16, 160_000)}      # ~the GPU server's pool
 
@@ -102,6 +104,8 @@ class Server:
             buf[slots] = torch.randn(total, self.heads, self.head_dim, device=self.device,
                                      dtype=self.dtype)
         self.req_to_token[0, :total] = slots.to(torch.int32)
+        if self.device != "cpu":
+            torch.cuda.synchronize()           # decide's time must not include that fill
         if self.profiling:
             self.profiler.enable()
         start = time.perf_counter()
