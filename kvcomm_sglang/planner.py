@@ -152,19 +152,22 @@ class MatchCache:
 
     def update(self, content: Content, used: bool = True) -> None:
         """``content``'s caches changed, or were used (``used``: it becomes the most recent)."""
-        old = self.entries.pop(id(content), None)
+        key = id(content)
+        old = self.entries.get(key)
         self.used -= old[1] if old is not None else 0
         if content.cache_nbytes:
-            self.entries[id(content)] = (content, content.cache_nbytes)
-            if not used and old is not None:      # keep its place in the LRU order
-                self.entries.move_to_end(id(content), last=False)
-            self.used += content.cache_nbytes
-        while self.used > self.budget and len(self.entries) > 1:
-            key = next(iter(self.entries))
-            if key == id(content):
+            self.entries[key] = (content, content.cache_nbytes)   # a known key keeps its place
+            if used:
                 self.entries.move_to_end(key)
-                key = next(iter(self.entries))
-            victim, size = self.entries.pop(key)
+            self.used += content.cache_nbytes
+        elif old is not None:
+            del self.entries[key]
+        while self.used > self.budget and len(self.entries) > 1:
+            oldest = next(iter(self.entries))
+            if oldest == key:
+                self.entries.move_to_end(key)
+                oldest = next(iter(self.entries))
+            victim, size = self.entries.pop(oldest)
             self.used -= size
             victim.matches, victim.weights, victim.cache_nbytes = {}, {}, 0
             self.dropped += 1

@@ -324,3 +324,24 @@ def test_match_cache_budget_drops_least_recent_caches_and_plans_stay_the_same():
     assert cache.used == before - content.cache_nbytes
     tight.state.release_caches()
     assert cache.used == 0 and not cache.entries
+
+
+def test_match_cache_evicts_least_recently_used_first():
+    from kvcomm_sglang.planner import Content, MatchCache
+
+    cache = MatchCache(budget_bytes=250)
+    a, b, c = (Content(k, "user_question", (1,), None) for k in "abc")
+    for content in (a, b):
+        content.cache_nbytes = 100
+        cache.update(content)
+    cache.update(a)                                  # a used again: b is now the oldest
+    b.cache_nbytes = 90
+    cache.update(b, used=False)                      # b shrank (an anchor went): still oldest
+    assert list(cache.entries) == [id(b), id(a)] and cache.used == 190
+    c.cache_nbytes = 100
+    cache.update(c)                                  # 290 > 250: b loses its caches
+    assert list(cache.entries) == [id(a), id(c)] and cache.used == 200
+    assert b.cache_nbytes == 0 and b.matches == {} and cache.dropped == 1
+    c.cache_nbytes = 400
+    cache.update(c)                                  # alone over budget: only a goes
+    assert list(cache.entries) == [id(c)] and cache.used == 400
