@@ -10,7 +10,7 @@ Llama-3.1-8B's KV shape (``--device cuda --shape llama8b``: the Triton matcher a
 server's synchronized ``plan_ms`` / ``materialize_ms``). Per agent: median ms of ``decide``, of
 ``from_reuse_plan``, of the runtime's own plan and materialize times over the timed workflows
 (wall time on a shared CPU: noisy, ±50 % between runs), the number of torch calls decide and
-flatten make (a ``TorchFunctionMode`` count, one more workflow: the stable proxy, since on the
+flatten make (``tests.torch_calls.TorchCalls``, one more workflow: the stable proxy, since on the
 GPU host every torch call costs microseconds of dispatch and launch), then cProfile's top
 functions of both.
 
@@ -21,7 +21,6 @@ functions of both.
 from __future__ import annotations
 
 import argparse
-import collections
 import cProfile
 import importlib.util
 import pathlib
@@ -37,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.ttft_gpu import Workload  # noqa: E402
 from kvcomm_sglang import protocol  # noqa: E402
@@ -46,22 +44,9 @@ from kvcomm_sglang.kernels import plan as plan_module  # noqa: E402
 from kvcomm_sglang.rope import RopeSpec  # noqa: E402
 from kvcomm_sglang.runtime_patch import runtime as runtime_module  # noqa: E402
 from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime  # noqa: E402
+from tests.torch_calls import TorchCalls  # noqa: E402
 
 POOL_TOKENS = 400_000
-
-
-class CountCalls(TorchFunctionMode):
-    """Counts torch calls (functions, methods, properties) made inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls[getattr(func, "__name__", str(func))] += 1
-        return func(*args, **(kwargs or {}))
-
-
 SHAPES = {"tiny": (2, 2, 8, torch.float32, POOL_TOKENS),       # layers, KV heads, head dim
           "llama8b": (32, 8, 128, torch.bfloat16, 160_000)}      # ~the GPU server's pool
 
@@ -110,9 +95,9 @@ class Server:
             self.profiler.enable()
         start = time.perf_counter()
         if self.counting:
-            with CountCalls() as count:
+            with TorchCalls() as calls:
                 decision = self.runtime.decide(req)
-            self.decide_calls = sum(count.calls.values())
+            self.decide_calls = len(calls.names)
         else:
             decision = self.runtime.decide(req)
         decide_ms = (time.perf_counter() - start) * 1e3
@@ -133,9 +118,9 @@ def timed_flatten(server: Server):
 
     def wrapped(*args, **kwargs):
         if server.counting:
-            with CountCalls() as count:
+            with TorchCalls() as calls:
                 plan = inner(*args, **kwargs)
-            server.flatten_calls = sum(count.calls.values())
+            server.flatten_calls = len(calls.names)
             return plan
         server.last_flatten = (args, kwargs)
         start = time.perf_counter()
