@@ -8,11 +8,14 @@ CPU check (tiny shapes, Triton interpreter):
     python benchmarks/kernels.py --smoke
 
 Rows: op, backend, tokens, anchors, ms (median), bytes (what the op must read + write), copy_ms
-(device-to-device copy moving the same bytes), bandwidth_fraction (copy_ms / ms), max_rel_err,
-host_syncs (synchronizing CUDA calls in one call, from torch's sync debug mode; GPU only). Ops:
+(device-to-device copy moving the same bytes, its device time alone), bandwidth_fraction
+(copy_ms / ms), max_rel_err, host_syncs (synchronizing CUDA calls in one call, from torch's
+sync debug mode; GPU only). Ops:
     materialize        the plan executor; max_rel_err = max |out - fp64| / max |fp64| over K, V;
                        backend triton-kernel: the fused kernel's launch alone (plan validated
-                       once), i.e. its GPU time; triton: the whole call
+                       once), its GPU time with the launch queued ahead (``Timer.gpu``);
+                       triton-kernel-old: the same for ``--compare-kernel``'s kernel; triton:
+                       the whole call as a caller waits for it
     check_plan         plan validation alone (metadata on the host, one device read)
     distances          anchor_distances of every content piece against the anchors, Triton vs
                        the torch reference on gathered slots; max_rel_err of Triton vs torch
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -67,6 +71,7 @@ FULL = dict(layers=32, heads=8, head_dim=128, tokens=(512, 1024, 3584), anchors=
             content=(1024,) + (511,) * 5, template=16, match_anchors=20, plan_anchors=(3, 20),
             positions=8192)
 COPY_CAP_BYTES = 2 << 30
+SPIN_CYCLES = 400_000        # ~0.2 ms at H100/H200 clocks: longer than any launch's host work
 SMOKE = dict(layers=2, heads=2, head_dim=32, tokens=(7, 33), anchors=(1, 3),
              content=(16, 9, 9), template=4, match_anchors=3, plan_anchors=(1, 3), positions=256)
 
@@ -99,14 +104,36 @@ class Timer:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def gpu(self, fn) -> float:
+        """Median milliseconds of ``fn()``'s device work alone: on CUDA a spin kernel runs ahead
+        of the start event, so the host has queued ``fn``'s launches before the device reaches
+        them and launch latency is not counted (``__call__`` counts it: what a caller waits).
+        Only for ``fn`` without host syncs; the same as ``__call__`` on CPU."""
+        if self.device.type != "cuda":
+            return self(fn)
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(SPIN_CYCLES)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
     def copy_ms(self, nbytes: int) -> float:
-        """A device-to-device copy that reads nbytes/2 and writes nbytes/2 (timed on at most
-        2 x 2 GiB and scaled linearly above that, to keep memory for the ops themselves)."""
+        """A device-to-device copy that reads nbytes/2 and writes nbytes/2, its device time alone
+        (``gpu``; timed on at most 2 x 2 GiB and scaled linearly above that, to keep memory for
+        the ops themselves)."""
         half = max(nbytes // 2, 1)
         size = min(half, COPY_CAP_BYTES)
         src = torch.empty(size, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
-        return self(lambda: dst.copy_(src)) * half / size
+        return self.gpu(lambda: dst.copy_(src)) * half / size
 
 
 def count_syncs(fn):
@@ -194,7 +221,7 @@ def load_flashinfer(wheel_dir):
         return None, f"unavailable: {type(exc).__name__}: {exc}"
 
 
-def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
+def bench_materialize(cfg, timer, pool, cos_sin, backends, rows, old_kernel=None):
     for n in cfg["tokens"]:
         for a in cfg["anchors"]:
             plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
@@ -210,32 +237,48 @@ def bench_materialize(cfg, timer, pool, cos_sin, backends, rows):
                 syncs = count_syncs(lambda: fn(plan, pool, cos_sin)) if name == "triton" else None
                 rows.append(row("materialize", name, n, a, ms, nbytes, copy_ms, err, syncs))
             if "triton" in backends:      # the fused kernel alone: the plan validated once
-                launch = triton_kernel_only(plan, pool, cos_sin)
-                rows.append(row("materialize", "triton-kernel", n, a, timer(launch), nbytes,
-                                copy_ms, host_syncs=count_syncs(launch)))
+                kernels = {"triton-kernel": None, "triton-kernel-old": old_kernel}
+                for backend, module in kernels.items():
+                    if backend == "triton-kernel" or module is not None:
+                        launch = triton_kernel_only(plan, pool, cos_sin, module=module)
+                        rows.append(row("materialize", backend, n, a, timer.gpu(launch), nbytes,
+                                        copy_ms, host_syncs=count_syncs(launch)))
             check = lambda: check_plan(plan, pool, cos_sin)  # noqa: E731
             rows.append(row("check_plan", "torch", n, a, timer(check), 0, None,
                             host_syncs=count_syncs(check)))
 
 
-def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None):
+def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None, module=None):
     """``materialize_triton`` without its per-call validation and guard read: the plan is
-    validated once here, then each call is the kernel's launch alone with a zero guard, so the
-    timing is the fused kernel's own GPU time (what the bandwidth goal is about); the
-    ``triton`` rows time the whole call, validation, launches and the host read included."""
-    from kvcomm_sglang.kernels.triton_materialize import _launch, _pool_info
+    validated once here, then each call is the kernel's launch alone with a zero guard, timed
+    with ``Timer.gpu``: the fused kernel's own GPU time (what the bandwidth goal is about); the
+    ``triton`` rows time the whole call, validation, launches and the host read included.
+    ``module``: another tree's ``triton_materialize`` (``load_old_kernel``), else ours."""
+    from kvcomm_sglang.kernels import triton_materialize
 
+    module = module or triton_materialize
     check_plan(plan, pool, cos_sin)
-    k_table, v_table, aligned = _pool_info(pool)
+    k_table, v_table, aligned = module._pool_info(pool)
     guard = torch.zeros(1, dtype=torch.int32, device=pool.k_buffer[0].device)
-    return lambda: _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n,
-                           num_warps)
+    return lambda: module._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n,
+                                  num_warps)
 
 
-def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, anchors=None, distances=True):
+def load_old_kernel(path):
+    """Another tree's ``triton_materialize.py`` as a module (it imports the plan format and the
+    validator from this tree), so both kernels are timed in one process on the same pool."""
+    spec = importlib.util.spec_from_file_location("old_triton_materialize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, anchors=None, distances=True,
+                        old_kernel=None):
     """Triton at other tile sizes, on the largest token count and the given anchor counts
     (default: the largest); rows backend triton[bn,w] time the whole call, triton-kernel[bn,w]
-    the kernel alone. Each row is printed as it is timed."""
+    the kernel alone (triton-kernel-old[bn,w]: ``old_kernel``'s). Each row is printed as it is
+    timed."""
     n = max(cfg["tokens"])
     for a in anchors or [max(cfg["anchors"])]:
         plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
@@ -244,10 +287,15 @@ def sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, anchors=None, distances
         for block_n in (1, 2, 4, 8, 16):
             for warps in (2, 4, 8):
                 call = lambda: materialize_triton(plan, pool, cos_sin, block_n, warps)  # noqa: E731
-                kernel = triton_kernel_only(plan, pool, cos_sin, block_n, warps)
-                for backend, fn in (("triton", call), ("triton-kernel", kernel)):
+                fns = [("triton", call, timer),
+                       ("triton-kernel", triton_kernel_only(plan, pool, cos_sin, block_n, warps),
+                        timer.gpu)]
+                if old_kernel is not None:
+                    fns.append(("triton-kernel-old", triton_kernel_only(
+                        plan, pool, cos_sin, block_n, warps, old_kernel), timer.gpu))
+                for backend, fn, time_it in fns:
                     rows.append(row("materialize", f"{backend}[bn={block_n},w={warps}]", n, a,
-                                    timer(fn), nbytes, copy_ms))
+                                    time_it(fn), nbytes, copy_ms))
                     print_table(rows[-1:], header=False)
     if not distances:
         return
@@ -462,6 +510,9 @@ def main(argv=None):
     parser.add_argument("--sweep-anchors", type=int, nargs="+", default=None,
                         help="with --sweep-blocks: sweep the materialize tiles at these anchor "
                              "counts (default: the largest) and skip the other benchmarks")
+    parser.add_argument("--compare-kernel", default=None, metavar="TRITON_MATERIALIZE_PY",
+                        help="also time another tree's kernel alone (rows triton-kernel-old), "
+                             "interleaved with ours in this process")
     parser.add_argument("--sweep-blocks", action="store_true",
                         help="also time Triton tile sizes (materialize BLOCK_N, distances BLOCK_T, "
                              "x num_warps) on the largest shapes")
@@ -498,12 +549,14 @@ def main(argv=None):
             del backends["flashinfer"]
             print(f"flashinfer: {fi_status}")
     rows = []
+    old_kernel = load_old_kernel(args.compare_kernel) if args.compare_kernel else None
     if args.sweep_blocks and args.sweep_anchors:
-        sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, args.sweep_anchors, distances=False)
+        sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, args.sweep_anchors, distances=False,
+                            old_kernel=old_kernel)
     else:
-        bench_materialize(cfg, timer, pool, cos_sin, backends, rows)
+        bench_materialize(cfg, timer, pool, cos_sin, backends, rows, old_kernel)
         if args.sweep_blocks:
-            sweep_triton_blocks(cfg, timer, pool, cos_sin, rows)
+            sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, old_kernel=old_kernel)
         cached = bench_distances(cfg, timer, pool, rows)
         bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, args.profile)
         print_table(rows)

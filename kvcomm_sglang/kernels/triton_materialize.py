@@ -14,9 +14,9 @@ half, then sin half); channels R..D pass through. Computes in fp32, stores in th
 
 Grid: (token blocks, layers, head blocks). Layers are reached through int64 tables of the
 buffers' data pointers (as SGLang's ``copy_all_layer_kv_cache_tiled`` does), so one launch
-covers all layers; anchors are a loop inside the program. A program holds a
-(BLOCK_N tokens, BLOCK_H heads, channels) tile: V over the whole head dim, K as the two halves of
-each rotary pair plus the pass-through tail.
+covers all layers. A program holds a (BLOCK_N tokens, BLOCK_H heads, channels) tile: V over the
+whole head dim, K as the two halves of each rotary pair plus the pass-through tail; one loop over
+the anchors corrects all of them.
 """
 
 from __future__ import annotations
@@ -36,27 +36,16 @@ _pointer_tables: dict = {}
 
 
 @triton.jit
-def _corrected(buf, slot_stride, src, dev_ptr, tok_w_ptr, chan_w_ptr, group, offs_n, n_mask,
-               chan, chan_mask, layer, correct, num_anchors, num_layers, row_size, num_slots):
-    """base + sum_a w * deviation on a (BLOCK_N, BLOCK_H, C) tile; chan = h * D + d."""
-    mask = n_mask[:, None, None] & chan_mask
-    x = tl.load(buf + src[:, None, None] * slot_stride + chan, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if correct:
-        is_templ = (group >= 0)[:, None, None]
-        chan_row = tl.maximum(group, 0) * num_anchors
-        for a in range(num_anchors):
-            dev = tl.load(dev_ptr + offs_n * num_anchors + a, mask=n_mask, other=-1)
-            dev = tl.minimum(dev.to(tl.int64), num_slots - 1)
-            tok_w = tl.load(tok_w_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
-            chan_base = ((chan_row + a) * num_layers + layer) * row_size
-            chan_w = tl.load(chan_w_ptr + chan_base[:, None, None] + chan,
-                             mask=mask & is_templ, other=0.0)
-            w = tl.where(is_templ, chan_w, tok_w[:, None, None])
-            d = tl.load(buf + dev[:, None, None] * slot_stride + chan,
-                        mask=mask & (dev >= 0)[:, None, None], other=0.0)
-            x += w * d.to(tl.float32)
-    return x
+def _tile(buf, slots, stride, chan, mask):
+    """A (BLOCK_N, BLOCK_H, C) tile of rows ``slots`` at channels ``chan``, as fp32."""
+    return tl.load(buf + slots[:, None, None] * stride + chan, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _weight(chan_w_ptr, chan_base, chan, mask, is_templ, tok_w):
+    """The tile's anchor weight: channel weights on template rows, token weights elsewhere."""
+    chan_w = tl.load(chan_w_ptr + chan_base[:, None, None] + chan, mask=mask & is_templ, other=0.0)
+    return tl.where(is_templ, chan_w, tok_w[:, None, None])
 
 
 @triton.jit
@@ -90,44 +79,64 @@ def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, de
     dst = tl.minimum(tl.maximum(dst, 0), num_slots - 1)
     pos = tl.minimum(tl.maximum(pos, 0), num_positions - 1)
     group = tl.minimum(group, num_groups - 1)
-    correct = layer >= first_corrected
     row_size = HEADS * HEAD_DIM
     heads = (tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
     h_mask = heads < HEADS
-    n3 = n_mask[:, None, None] & ok
+    n3 = n_mask[:, None, None]
 
+    # The tiles: V over the whole head dim, K as the two halves of each rotary pair (+ the tail).
     d = tl.arange(0, DIM_PAD)[None, None, :]
-    chan, c_mask = heads * HEAD_DIM + d, h_mask & (d < HEAD_DIM)
-    v = _corrected(v_buf, v_stride, src, dev_ptr, tok_wv_ptr, chan_wv_ptr, group, offs_n, n_mask,
-                   chan, c_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
-    tl.store(v_buf + dst[:, None, None] * v_stride + chan, v.to(elem), mask=n3 & c_mask)
-
+    chan_v, v_mask = heads * HEAD_DIM + d, n3 & h_mask & (d < HEAD_DIM)
     j = tl.arange(0, HALF_PAD)[None, None, :]
     if IS_NEOX:
         i1, i2 = j, j + ROTARY_DIM // 2
     else:
         i1, i2 = 2 * j, 2 * j + 1
-    p_mask = h_mask & (j < ROTARY_DIM // 2)
     chan1, chan2 = heads * HEAD_DIM + i1, heads * HEAD_DIM + i2
-    x1 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
-                    chan1, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
-    x2 = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n, n_mask,
-                    chan2, p_mask, layer, correct, num_anchors, num_layers, row_size, num_slots)
-    cs = cos_sin + pos[:, None, None] * cs_stride + j
-    cs_mask = n3 & (j < ROTARY_DIM // 2)
-    cos = tl.load(cs, mask=cs_mask, other=0.0)
-    sin = tl.load(cs + ROTARY_DIM // 2, mask=cs_mask, other=0.0)
-    k_dst = k_buf + dst[:, None, None] * k_stride
-    tl.store(k_dst + chan1, (x1 * cos - x2 * sin).to(elem), mask=n3 & p_mask)
-    tl.store(k_dst + chan2, (x2 * cos + x1 * sin).to(elem), mask=n3 & p_mask)
+    p_mask = n3 & h_mask & (j < ROTARY_DIM // 2)
+    t = ROTARY_DIM + tl.arange(0, TAIL_PAD)[None, None, :]
+    chan_t, t_mask = heads * HEAD_DIM + t, n3 & h_mask & (t < HEAD_DIM)
 
+    v = _tile(v_buf, src, v_stride, chan_v, v_mask)
+    x1 = _tile(k_buf, src, k_stride, chan1, p_mask)
+    x2 = _tile(k_buf, src, k_stride, chan2, p_mask)
     if ROTARY_DIM < HEAD_DIM:
-        t = ROTARY_DIM + tl.arange(0, TAIL_PAD)[None, None, :]
-        chan_t, t_mask = heads * HEAD_DIM + t, h_mask & (t < HEAD_DIM)
-        xt = _corrected(k_buf, k_stride, src, dev_ptr, tok_wk_ptr, chan_wk_ptr, group, offs_n,
-                        n_mask, chan_t, t_mask, layer, correct, num_anchors, num_layers, row_size,
-                        num_slots)
-        tl.store(k_dst + chan_t, xt.to(elem), mask=n3 & t_mask)
+        xt = _tile(k_buf, src, k_stride, chan_t, t_mask)
+    if layer >= first_corrected:
+        # One pass over the anchors corrects V and both K halves, so each iteration has all its
+        # deviation tiles in flight at once; the next anchor's slots are loaded one iteration
+        # ahead, so no iteration waits on an index load before its tiles.
+        is_templ = (group >= 0)[:, None, None]
+        chan_row = tl.maximum(group, 0) * num_anchors
+        dev_next = tl.load(dev_ptr + offs_n * num_anchors, mask=n_mask & (num_anchors > 0),
+                           other=-1)
+        for a in range(num_anchors):
+            dev = tl.minimum(dev_next.to(tl.int64), num_slots - 1)
+            dev_next = tl.load(dev_ptr + offs_n * num_anchors + a + 1,
+                               mask=n_mask & (a + 1 < num_anchors), other=-1)
+            has = (dev >= 0)[:, None, None]
+            tok_wk = tl.load(tok_wk_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
+            tok_wv = tl.load(tok_wv_ptr + offs_n * num_anchors + a, mask=n_mask, other=0.0)
+            chan_base = ((chan_row + a) * num_layers + layer) * row_size
+            dv = _tile(v_buf, dev, v_stride, chan_v, v_mask & has)
+            d1 = _tile(k_buf, dev, k_stride, chan1, p_mask & has)
+            d2 = _tile(k_buf, dev, k_stride, chan2, p_mask & has)
+            v += _weight(chan_wv_ptr, chan_base, chan_v, v_mask, is_templ, tok_wv) * dv
+            x1 += _weight(chan_wk_ptr, chan_base, chan1, p_mask, is_templ, tok_wk) * d1
+            x2 += _weight(chan_wk_ptr, chan_base, chan2, p_mask, is_templ, tok_wk) * d2
+            if ROTARY_DIM < HEAD_DIM:
+                dt = _tile(k_buf, dev, k_stride, chan_t, t_mask & has)
+                xt += _weight(chan_wk_ptr, chan_base, chan_t, t_mask, is_templ, tok_wk) * dt
+
+    tl.store(v_buf + dst[:, None, None] * v_stride + chan_v, v.to(elem), mask=v_mask & ok)
+    cs = cos_sin + pos[:, None, None] * cs_stride + j
+    cos = tl.load(cs, mask=p_mask, other=0.0)
+    sin = tl.load(cs + ROTARY_DIM // 2, mask=p_mask, other=0.0)
+    k_dst = k_buf + dst[:, None, None] * k_stride
+    tl.store(k_dst + chan1, (x1 * cos - x2 * sin).to(elem), mask=p_mask & ok)
+    tl.store(k_dst + chan2, (x2 * cos + x1 * sin).to(elem), mask=p_mask & ok)
+    if ROTARY_DIM < HEAD_DIM:
+        tl.store(k_dst + chan_t, xt.to(elem), mask=t_mask & ok)
 
 
 def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
