@@ -30,7 +30,8 @@ from kvcomm_sglang.kernels.plan import (MaterializePlan, check_plan_metadata, ex
 from kvcomm_sglang.kernels.validate import count_violations
 
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TILE_ELEMENTS = 4096          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
+_TILE_ELEMENTS = 8192          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
+_TILE_PER_THREAD = 64          # tile elements per thread: 128 spilled registers on an H200
 _MAX_BLOCK_N = 64
 _pointer_tables: dict = {}
 
@@ -148,8 +149,9 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
     device into a guard the kernel reads before any store, and the host reads that count once,
     after the launch (the GPU runs validator and kernel back to back). ``block_n``
     (tokens per program, a power of two) and ``num_warps`` override the defaults: a V tile of
-    about 4096 elements (Llama-8B: 4 tokens x 8 heads x 128) and 8 warps for such a tile, where
-    ptxas reports 68 registers and no spills on sm_90.
+    about 8192 elements (Llama-8B: 8 tokens x 8 heads x 128) and 64 of them per thread (4 warps
+    for such a tile), the fastest tile at 1, 3 and 20 anchors in the H200 sweep
+    (``benchmarks/kernels.py --sweep-blocks``, ``docs/performance.md``).
     """
     num_slots, num_groups = check_plan_metadata(plan, pool, cos_sin)
     k_table, v_table, aligned = _pool_info(pool)
@@ -170,7 +172,7 @@ def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None,
     if block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     dim_pad = triton.next_power_of_2(head_dim)
-    num_warps = num_warps or (8 if block_n * block_h * dim_pad >= _TILE_ELEMENTS else 4)
+    num_warps = num_warps or max(1, min(4, block_n * block_h * dim_pad // (32 * _TILE_PER_THREAD)))
     dev = pool.k_buffer[0].device
     cos_sin = cos_sin.contiguous()
     dev_slots, tok_wk, tok_wv, chan_wk, chan_wv = (
