@@ -212,7 +212,8 @@ def load_flashinfer(wheel_dir):
     if wheel_dir:                           # offline: dependencies from the same folder if there
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheel_dir]
         if subprocess.run(pip + ["flashinfer-python"], check=False).returncode:
-            subprocess.run(pip + ["--no-deps", "flashinfer-python"], check=False)
+            wheels = sorted(str(w) for w in Path(wheel_dir).glob("*.whl"))  # e.g. + tvm-ffi
+            subprocess.run(pip + ["--no-deps"] + wheels, check=False)
     try:
         import flashinfer.rope  # noqa: F401
         from kvcomm_sglang.kernels.flashinfer_rope import materialize_flashinfer

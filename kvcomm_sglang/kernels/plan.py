@@ -248,7 +248,7 @@ def check_plan(plan: MaterializePlan, pool, cos_sin: torch.Tensor) -> None:
     num_slots, num_groups = check_plan_metadata(plan, pool, cos_sin)
     if plan.num_tokens == 0:
         return
-    if pool.k_buffer[0].device.type == "cuda":   # fast path: two tiny launches, one read
+    if pool.k_buffer[0].device.type == "cuda":   # fast path: one tiny launch, one read
         from kvcomm_sglang.kernels.validate import count_violations
 
         if count_violations(plan, num_slots, cos_sin.shape[0], num_groups).tolist() == [0]:

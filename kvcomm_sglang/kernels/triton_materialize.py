@@ -30,8 +30,12 @@ from kvcomm_sglang.kernels.plan import (MaterializePlan, check_plan_metadata, ex
 from kvcomm_sglang.kernels.validate import count_violations
 
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_TILE_ELEMENTS = 8192          # V tile size per program: BLOCK_N * BLOCK_H * next_pow2(D)
-_TILE_PER_THREAD = 64          # tile elements per thread: 128 spilled registers on an H200
+# Default tiles: (V tile elements per program = BLOCK_N * BLOCK_H * next_pow2(D), elements per
+# thread), for plans with at most one anchor and with more. From two H200 sweeps
+# (``benchmarks/kernels.py --sweep-blocks``, ``docs/performance.md``), Llama-8B KV: 1 token x 8
+# heads x 128 on 2 warps was fastest at 1 anchor, 8 tokens on 4 warps at 3 and 20; 128 elements
+# per thread spilled registers (10x slower).
+_TILES = ((1024, 16), (8192, 64))
 _MAX_BLOCK_N = 64
 _pointer_tables: dict = {}
 
@@ -148,10 +152,8 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
     is checked on the host first; the data checks (``kernels.validate``) count violations on the
     device into a guard the kernel reads before any store, and the host reads that count once,
     after the launch (the GPU runs validator and kernel back to back). ``block_n``
-    (tokens per program, a power of two) and ``num_warps`` override the defaults: a V tile of
-    about 8192 elements (Llama-8B: 8 tokens x 8 heads x 128) and 64 of them per thread (4 warps
-    for such a tile), the fastest tile at 1, 3 and 20 anchors in the H200 sweep
-    (``benchmarks/kernels.py --sweep-blocks``, ``docs/performance.md``).
+    (tokens per program, a power of two) and ``num_warps`` override the default tile
+    (``_TILES``).
     """
     num_slots, num_groups = check_plan_metadata(plan, pool, cos_sin)
     k_table, v_table, aligned = _pool_info(pool)
@@ -167,12 +169,11 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
 def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None, num_warps=None):
     _, heads, head_dim = pool.k_buffer[0].shape
     num_layers, rotary_dim = len(pool.k_buffer), cos_sin.shape[1]
-    block_h, block_n_auto = _block_sizes(heads, head_dim)
-    block_n = block_n or block_n_auto
+    block_h, block_n_auto, warps_auto = _block_sizes(heads, head_dim, plan.num_anchors)
+    block_n, num_warps = block_n or block_n_auto, num_warps or warps_auto
     if block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     dim_pad = triton.next_power_of_2(head_dim)
-    num_warps = num_warps or max(1, min(4, block_n * block_h * dim_pad // (32 * _TILE_PER_THREAD)))
     dev = pool.k_buffer[0].device
     cos_sin = cos_sin.contiguous()
     dev_slots, tok_wk, tok_wv, chan_wk, chan_wv = (
@@ -193,12 +194,15 @@ def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None,
         ALIGNED=aligned, num_warps=num_warps)
 
 
-def _block_sizes(heads: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_N): all heads of a token in one program when they fit the V tile."""
+def _block_sizes(heads: int, head_dim: int, num_anchors: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps) for the default tile (``_TILES``): all heads of a token in
+    one program when they fit the tile, then as many tokens as fit."""
+    elements, per_thread = _TILES[num_anchors > 1]
     dim_pad = triton.next_power_of_2(head_dim)
-    block_h = min(triton.next_power_of_2(heads), max(1, _TILE_ELEMENTS // dim_pad))
-    block_n = max(1, min(_MAX_BLOCK_N, _TILE_ELEMENTS // (block_h * dim_pad)))
-    return block_h, block_n
+    block_h = min(triton.next_power_of_2(heads), max(1, elements // dim_pad))
+    block_n = max(1, min(_MAX_BLOCK_N, elements // (block_h * dim_pad)))
+    num_warps = max(1, min(8, block_n * block_h * dim_pad // (32 * per_thread)))
+    return block_h, block_n, num_warps
 
 
 def _check_pool(pool) -> None:

@@ -94,7 +94,7 @@ def test_triton_first_corrected_layer(first_corrected):
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_triton_many_small_blocks(monkeypatch, is_neox):
     """Tiny tiles: one head and one token per program, so head and token blocks are masked."""
-    monkeypatch.setattr(triton_materialize, "_TILE_ELEMENTS", 32)
+    monkeypatch.setattr(triton_materialize, "_TILES", ((32, 1), (32, 1)))
     case = make_case(7, 3, torch.float16, is_neox, 16, heads=3, head_dim=24)
     run_and_compare(materialize_triton, *case)
     run_and_compare(lambda *a: materialize_triton(*a, block_n=4), *make_case(33, 1, seed=5))
