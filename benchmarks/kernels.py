@@ -17,6 +17,9 @@ sync debug mode; GPU only). Ops:
                        triton-kernel-old: the same for ``--compare-kernel``'s kernel; triton:
                        the whole call as a caller waits for it
     check_plan         plan validation alone (metadata on the host, one device read)
+    call-phase         the whole Triton call split (GPU only): host time of the metadata
+                       checks, the validator's launch, the kernel's launch, then the wait in
+                       the guard's read
     distances          anchor_distances of every content piece against the anchors, Triton vs
                        the torch reference on gathered slots; max_rel_err of Triton vs torch
     weights            the old path: torch estimator on gathered (A, L, T, H, D) anchor copies
@@ -247,6 +250,37 @@ def bench_materialize(cfg, timer, pool, cos_sin, backends, rows, old_kernel=None
             check = lambda: check_plan(plan, pool, cos_sin)  # noqa: E731
             rows.append(row("check_plan", "torch", n, a, timer(check), 0, None,
                             host_syncs=count_syncs(check)))
+
+
+def bench_call_phases(cfg, timer, pool, cos_sin, rows):
+    """Where the whole call's time goes, on the largest token count (GPU only): host time of
+    the metadata checks, of the validator's launch, of the kernel's launch, and the wait in the
+    guard's read (the GPU's remaining work); medians of synchronized calls."""
+    from kvcomm_sglang.kernels import triton_materialize as tm
+    from kvcomm_sglang.kernels.plan import check_plan_metadata
+    from kvcomm_sglang.kernels.validate import count_violations
+
+    n = max(cfg["tokens"])
+    for a in cfg["anchors"]:
+        plan = make_plan(cfg, n, a, pool.k_buffer[0].device)
+        materialize_triton(plan, pool, cos_sin)
+        phases = {k: [] for k in ("metadata", "validate", "launch", "wait")}
+        for _ in range(timer.reps):
+            timer.sync()
+            t0 = time.perf_counter()
+            num_slots, groups = check_plan_metadata(plan, pool, cos_sin)
+            k_table, v_table, aligned = tm._pool_info(pool)
+            t1 = time.perf_counter()
+            guard = count_violations(plan, num_slots, cos_sin.shape[0], groups)
+            t2 = time.perf_counter()
+            tm._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
+            t3 = time.perf_counter()
+            guard.item()
+            t4 = time.perf_counter()
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[name].append(dt * 1e3)
+        for name, times in phases.items():
+            rows.append(row("call-phase", name, n, a, statistics.median(times), 0, None))
 
 
 def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None, module=None):
@@ -556,6 +590,8 @@ def main(argv=None):
                             old_kernel=old_kernel)
     else:
         bench_materialize(cfg, timer, pool, cos_sin, backends, rows, old_kernel)
+        if device.type == "cuda":
+            bench_call_phases(cfg, timer, pool, cos_sin, rows)
         if args.sweep_blocks:
             sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, old_kernel=old_kernel)
         cached = bench_distances(cfg, timer, pool, rows)

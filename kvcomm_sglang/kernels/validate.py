@@ -17,15 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK, ANCHORS = 1024, 8      # tokens x anchors per step of the one program
 EPOCH_LIMIT = 2**31 - 1
 _stamps: dict = {}           # (device, stream, num_slots) -> [int32 slot table, last epoch]
 
 
 @triton.jit
+def _anchor_tile(dev_ptr, offs, mask, a0, num_anchors, ANCHORS: tl.constexpr):
+    """Deviation slots of anchors a0 .. a0 + ANCHORS - 1 for the tokens ``offs`` and the mask
+    of the existing ones: (BLOCK, ANCHORS)."""
+    a = a0 + tl.arange(0, ANCHORS)[None, :]
+    dev_mask = mask[:, None] & (a < num_anchors)
+    dev = tl.load(dev_ptr + offs[:, None] * num_anchors + a, mask=dev_mask, other=-1)
+    return dev.to(tl.int64), dev_mask
+
+
+@triton.jit
 def _validate_kernel(dst_ptr, src_ptr, pos_ptr, group_ptr, dev_ptr, stamp_ptr, count_ptr, epoch,
                      num_tokens, num_anchors, num_slots, num_positions, num_groups,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, ANCHORS: tl.constexpr):
     total = 0
     for start in range(0, num_tokens, BLOCK):        # ranges; stamp the writes
         offs = start + tl.arange(0, BLOCK)
@@ -36,9 +46,10 @@ def _validate_kernel(dst_ptr, src_ptr, pos_ptr, group_ptr, dev_ptr, stamp_ptr, c
         group = tl.load(group_ptr + offs, mask=mask, other=-1).to(tl.int64)
         bad = (dst < 0) | (dst >= num_slots) | (src < 0) | (src >= num_slots)
         bad = bad | (pos < 0) | (pos >= num_positions) | (group < -1) | (group >= num_groups)
-        for a in range(num_anchors):
-            dev = tl.load(dev_ptr + offs * num_anchors + a, mask=mask, other=-1).to(tl.int64)
-            bad = bad | (dev < -1) | (dev >= num_slots)
+        for a0 in range(0, num_anchors, ANCHORS):
+            dev, dev_mask = _anchor_tile(dev_ptr, offs, mask, a0, num_anchors, ANCHORS)
+            dev_bad = dev_mask & ((dev < -1) | (dev >= num_slots))
+            bad = bad | (tl.max(dev_bad.to(tl.int32), axis=1) > 0)
         dst_ok = mask & (dst >= 0) & (dst < num_slots)
         prev = tl.atomic_xchg(stamp_ptr + dst, epoch, mask=dst_ok)
         dup = dst_ok & (prev == epoch)
@@ -51,11 +62,11 @@ def _validate_kernel(dst_ptr, src_ptr, pos_ptr, group_ptr, dev_ptr, stamp_ptr, c
         ok = mask & (src >= 0) & (src < num_slots)
         hit = tl.load(stamp_ptr + src, mask=ok, other=0, cache_modifier=".cg") == epoch
         total += tl.sum((ok & hit).to(tl.int32), axis=0)
-        for a in range(num_anchors):
-            dev = tl.load(dev_ptr + offs * num_anchors + a, mask=mask, other=-1).to(tl.int64)
-            ok = mask & (dev >= 0) & (dev < num_slots)
+        for a0 in range(0, num_anchors, ANCHORS):
+            dev, dev_mask = _anchor_tile(dev_ptr, offs, mask, a0, num_anchors, ANCHORS)
+            ok = dev_mask & (dev >= 0) & (dev < num_slots)
             hit = tl.load(stamp_ptr + dev, mask=ok, other=0, cache_modifier=".cg") == epoch
-            total += tl.sum((ok & hit).to(tl.int32), axis=0)
+            total += tl.sum(tl.sum((ok & hit).to(tl.int32), axis=1), axis=0)
     tl.store(count_ptr, total)
 
 
@@ -69,7 +80,7 @@ def count_violations(plan, num_slots: int, num_positions: int, num_groups: int) 
     _validate_kernel[(1,)](plan.dst_slots.contiguous(), plan.src_slots.contiguous(),
                            plan.positions.contiguous(), plan.group.contiguous(), dev, stamps,
                            count, epoch, n, a, num_slots, num_positions, num_groups, BLOCK=BLOCK,
-                           num_warps=8)
+                           ANCHORS=ANCHORS, num_warps=8)
     return count
 
 

@@ -28,6 +28,12 @@ CASES = [
     ("duplicate dst", plan_of([5, 5, 6], [1, 2, 3], [0, 1, 2], [-1, -1, -1], []), 1),
     ("dst overlaps src", plan_of([5, 6], [6, 2], [0, 1], [-1, -1], []), 1),
     ("dst overlaps dev", plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [[-1], [5]]), 1),
+    # more anchors than the validator's anchor step (8): the problems sit past the first step
+    ("10 anchors ok", plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [list(range(10, 20))] * 2), 0),
+    ("10 anchors, 10th out of range",
+     plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [list(range(10, 19)) + [32]] * 2), 2),
+    ("10 anchors, 9th overlaps dst",
+     plan_of([5, 6], [1, 2], [0, 1], [-1, -1], [list(range(10, 18)) + [6, 19]] * 2), 2),
 ]
 
 
