@@ -64,9 +64,9 @@ def _validate_kernel(dst_ptr, src_ptr, pos_ptr, group_ptr, dev_ptr, stamp_ptr, c
         total += tl.sum((ok & hit).to(tl.int32), axis=0)
         for a0 in range(0, num_anchors, ANCHORS):
             dev, dev_mask = _anchor_tile(dev_ptr, offs, mask, a0, num_anchors, ANCHORS)
-            ok = dev_mask & (dev >= 0) & (dev < num_slots)
-            hit = tl.load(stamp_ptr + dev, mask=ok, other=0, cache_modifier=".cg") == epoch
-            total += tl.sum(tl.sum((ok & hit).to(tl.int32), axis=1), axis=0)
+            dev_ok = dev_mask & (dev >= 0) & (dev < num_slots)
+            dev_hit = tl.load(stamp_ptr + dev, mask=dev_ok, other=0, cache_modifier=".cg") == epoch
+            total += tl.sum(tl.sum((dev_ok & dev_hit).to(tl.int32), axis=1), axis=0)
     tl.store(count_ptr, total)
 
 
