@@ -52,7 +52,8 @@ def _minus(x, buf, slot_stride, slots, chan, mask):
     return x - y.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_anchors"],     # one kernel for all messages
+             do_not_specialize_on_alignment=["cand_ptr", "head_ptr", "tail_ptr"])
 def _distances_kernel(k_ptrs, v_ptrs, pool_like, cand_ptr, head_ptr, tail_ptr, out_ptr,
                       k_stride, v_stride, num_tokens, num_anchors, num_layers, inv_count,
                       HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -117,7 +118,7 @@ def anchor_distances(pool, cand_slots: torch.Tensor, head_slots: torch.Tensor,
     out = torch.zeros(sum(sizes) + num_anchors, dtype=torch.float32, device=dev)
     if num_anchors and num_tokens:
         k_table, v_table, aligned = _pool_info(pool)
-        block_h, block_t = _block_sizes(num_tokens, heads, head_dim, block_t)
+        block_h, block_t = _block_sizes(heads, head_dim, block_t)
         grid = (triton.cdiv(num_tokens, block_t), num_layers, triton.cdiv(heads, block_h))
         dim_pad = triton.next_power_of_2(head_dim)
         _distances_kernel[grid](
@@ -186,13 +187,13 @@ def _check_backend(pool) -> None:
                          f"{'on' if interpreted else 'off'}")
 
 
-def _block_sizes(num_tokens: int, heads: int, head_dim: int,
-                 block_t: int | None = None) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_T): tokens first (fewer pf atomics), then heads, within the tile."""
+def _block_sizes(heads: int, head_dim: int, block_t: int | None = None) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_T): tokens first (fewer pf atomics), then heads, within the tile. The
+    default does not depend on ``num_tokens``: a short message masks part of the tile rather
+    than compile its own variant on the scheduler's loop."""
     if block_t is not None and (block_t < 1 or block_t & (block_t - 1)):
         raise ValueError(f"block_t must be a power of two, got {block_t}")
     dim_pad = triton.next_power_of_2(head_dim)
-    block_t = block_t or min(triton.next_power_of_2(num_tokens),
-                             max(1, _TILE_ELEMENTS // dim_pad))
+    block_t = block_t or max(1, _TILE_ELEMENTS // dim_pad)
     block_h = min(triton.next_power_of_2(heads), max(1, _TILE_ELEMENTS // (block_t * dim_pad)))
     return block_h, block_t

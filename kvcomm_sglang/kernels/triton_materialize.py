@@ -38,6 +38,7 @@ POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILES = ((1024, 16), (8192, 64))
 _MAX_BLOCK_N = 64
 _pointer_tables: dict = {}
+_compiled: set = set()         # signatures whose default tiles are compiled
 
 
 @triton.jit
@@ -53,7 +54,16 @@ def _weight(chan_w_ptr, chan_base, chan, mask, is_templ, tok_w):
     return tl.where(is_templ, chan_w, tok_w[:, None, None])
 
 
-@triton.jit
+# Arguments that change from plan to plan are not specialized (Triton would compile a variant
+# per value 1 / multiple of 16, or per 16-byte alignment of a sliced index column): a compile in
+# the middle of serving is a ~0.5-0.7 s stall (seen in an H200 TTFT run). Pool strides and the
+# channel weights (fresh gathers) stay specialized: they are fixed, and vector loads need them.
+_VARYING = ["num_slots", "num_positions", "num_groups", "num_tokens", "num_anchors"]
+_VARYING_ALIGNMENT = ["dst_ptr", "src_ptr", "pos_ptr", "dev_ptr", "tok_wk_ptr", "tok_wv_ptr",
+                      "group_ptr", "guard_ptr"]
+
+
+@triton.jit(do_not_specialize=_VARYING, do_not_specialize_on_alignment=_VARYING_ALIGNMENT)
 def _materialize_kernel(k_ptrs, v_ptrs, pool_like, dst_ptr, src_ptr, pos_ptr, dev_ptr,
                         tok_wk_ptr, tok_wv_ptr, group_ptr, chan_wk_ptr, chan_wv_ptr, cos_sin,
                         guard_ptr, num_slots, num_positions, num_groups,
@@ -169,29 +179,43 @@ def materialize_triton(plan: MaterializePlan, pool, cos_sin: torch.Tensor,
 def _launch(plan, pool, cos_sin, guard, k_table, v_table, aligned, block_n=None, num_warps=None):
     _, heads, head_dim = pool.k_buffer[0].shape
     num_layers, rotary_dim = len(pool.k_buffer), cos_sin.shape[1]
-    block_h, block_n_auto, warps_auto = _block_sizes(heads, head_dim, plan.num_anchors)
+    tiles = [_block_sizes(heads, head_dim, few) for few in (0, 2)]      # both default tiles
+    block_h, block_n_auto, warps_auto = tiles[plan.num_anchors > 1]
     block_n, num_warps = block_n or block_n_auto, num_warps or warps_auto
     if block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     dim_pad = triton.next_power_of_2(head_dim)
-    dev = pool.k_buffer[0].device
     cos_sin = cos_sin.contiguous()
     dev_slots, tok_wk, tok_wv, chan_wk, chan_wv = (
         _nonempty(t.contiguous()) for t in (plan.dev_slots, plan.token_wk, plan.token_wv,
                                             plan.channel_wk, plan.channel_wv))
+    args = (k_table, v_table, pool.k_buffer[0],
+            plan.dst_slots.contiguous(), plan.src_slots.contiguous(), plan.positions.contiguous(),
+            dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin, guard,
+            pool.k_buffer[0].shape[0], cos_sin.shape[0], plan.channel_wk.shape[0],
+            pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0), cos_sin.stride(0),
+            plan.num_tokens, plan.num_anchors, num_layers, plan.first_corrected_layer)
+    constexprs = dict(HEADS=heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+                      IS_NEOX=bool(plan.is_neox), DIM_PAD=dim_pad,
+                      HALF_PAD=triton.next_power_of_2(rotary_dim // 2),
+                      TAIL_PAD=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+                      ALIGNED=aligned)
     grid = (triton.cdiv(plan.num_tokens, block_n), num_layers, triton.cdiv(heads, block_h))
-    _materialize_kernel[grid](
-        k_table, v_table, pool.k_buffer[0],
-        plan.dst_slots.contiguous(), plan.src_slots.contiguous(), plan.positions.contiguous(),
-        dev_slots, tok_wk, tok_wv, plan.group.contiguous(), chan_wk, chan_wv, cos_sin, guard,
-        pool.k_buffer[0].shape[0], cos_sin.shape[0], plan.channel_wk.shape[0],
-        pool.k_buffer[0].stride(0), pool.v_buffer[0].stride(0), cos_sin.stride(0),
-        plan.num_tokens, plan.num_anchors, num_layers, plan.first_corrected_layer,
-        HEADS=heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, IS_NEOX=bool(plan.is_neox),
-        BLOCK_N=block_n, BLOCK_H=block_h, DIM_PAD=dim_pad,
-        HALF_PAD=triton.next_power_of_2(rotary_dim // 2),
-        TAIL_PAD=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        ALIGNED=aligned, num_warps=num_warps)
+    _compile_default_tiles(args, constexprs, tiles)
+    _materialize_kernel[grid](*args, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=num_warps,
+                              **constexprs)
+
+
+def _compile_default_tiles(args, constexprs, tiles) -> None:
+    """The first launch of a signature (argument dtypes, constexprs) compiles both default
+    tiles, so a plan whose anchor count switches tile later does not stall on a compile."""
+    key = tuple(getattr(a, "dtype", type(a)) for a in args) + tuple(constexprs.items())
+    if key in _compiled or not isinstance(_materialize_kernel, triton.runtime.JITFunction):
+        return
+    for block_h, block_n, num_warps in tiles:
+        _materialize_kernel.warmup(*args, grid=(1, 1, 1), BLOCK_N=block_n, BLOCK_H=block_h,
+                                   num_warps=num_warps, **constexprs)
+    _compiled.add(key)
 
 
 def _block_sizes(heads: int, head_dim: int, num_anchors: int) -> tuple[int, int, int]:

@@ -8,7 +8,8 @@ One program walks the plan twice: first it stamps every dst slot with the plan's
 per-pool slot table (a slot already carrying this epoch is a duplicate), then it looks up every
 src and deviation slot there. Stamps of earlier plans carry smaller epochs, so the table is
 zeroed only when it is created and when the epoch counter wraps: no memset and no count reset
-per plan (the two-launch version needed both).
+per plan (the two-launch version needed both). Values that change per plan (the epoch, sizes,
+offsets of sliced index columns) are not specialized: one compiled kernel serves every plan.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def _anchor_tile(dev_ptr, offs, mask, a0, num_anchors, ANCHORS: tl.constexpr):
     return dev.to(tl.int64), dev_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch", "num_tokens", "num_anchors", "num_slots", "num_positions",
+                                "num_groups"],
+             do_not_specialize_on_alignment=["dst_ptr", "src_ptr", "pos_ptr", "group_ptr",
+                                             "dev_ptr"])
 def _validate_kernel(dst_ptr, src_ptr, pos_ptr, group_ptr, dev_ptr, stamp_ptr, count_ptr, epoch,
                      num_tokens, num_anchors, num_slots, num_positions, num_groups,
                      BLOCK: tl.constexpr, ANCHORS: tl.constexpr):
