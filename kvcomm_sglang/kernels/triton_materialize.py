@@ -210,8 +210,8 @@ def _compile_default_tiles(args, constexprs, tiles) -> None:
     """The first launch of a signature (argument dtypes, constexprs) compiles both default
     tiles, so a plan whose anchor count switches tile later does not stall on a compile."""
     key = tuple(getattr(a, "dtype", type(a)) for a in args) + tuple(constexprs.items())
-    if key in _compiled or not isinstance(_materialize_kernel, triton.runtime.JITFunction):
-        return
+    if key in _compiled:
+        return                     # (interpreted, ``warmup`` compiles nothing and returns)
     for block_h, block_n, num_warps in tiles:
         _materialize_kernel.warmup(*args, grid=(1, 1, 1), BLOCK_N=block_n, BLOCK_H=block_h,
                                    num_warps=num_warps, **constexprs)

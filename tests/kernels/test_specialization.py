@@ -1,0 +1,76 @@
+"""How many compiled variants our kernels need, from Triton's own argument binder for an sm_90
+target (no GPU needed): a signature compiles once, never once per plan or message shape.
+
+Triton compiles a new variant when an integer argument becomes 1 or a multiple of 16, or a
+pointer's 16-byte alignment changes, unless told not to specialize it. Plans differ in all of
+those from request to request (sizes, anchor counts, the validator's epoch, index columns split
+from one buffer), and each compile stalls the serving loop for ~0.5-0.7 s (three such stalls in
+one H200 TTFT run). The kernels are recorded instead of launched; nothing here runs them.
+"""
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from kvcomm_sglang.kernels import distances, triton_materialize, validate
+from tests.kernels import test_distances, test_materialize
+
+PLANS = [(7, 3, 0), (1, 1, 0), (16, 16, 1), (33, 0, 3), (32, 2, 0), (48, 20, 1), (5, 1, 2)]
+
+
+class Recorder:
+    """Stands in for a kernel: binds each launch's arguments as Triton would for an H100/H200
+    and keeps the distinct (specialization, options) keys, i.e. the variants it would compile."""
+
+    def __init__(self, kernel):
+        if not isinstance(kernel, triton.runtime.JITFunction):      # interpreted: same options
+            kernel = triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        self.bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+        self.keys = set()
+
+    def _record(self, *args, **kwargs):
+        _, specialization, options = self.bind(*args, **kwargs)
+        self.keys.add((repr(specialization), repr(sorted(options.items()))))
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def warmup(self, *args, grid, **kwargs):
+        self._record(*args, **kwargs)
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    out = {}
+    for module, name in ((triton_materialize, "_materialize_kernel"),
+                         (validate, "_validate_kernel"), (distances, "_distances_kernel")):
+        out[name] = Recorder(getattr(module, name))
+        monkeypatch.setattr(module, name, out[name])
+    monkeypatch.setattr(triton_materialize, "_compiled", set())
+    return out
+
+
+def test_materialize_and_validator_compile_once_for_every_plan(recorders):
+    """Two materialize variants (the default tiles for <= 1 and > 1 anchors, both compiled at
+    the first launch) and one validator, whatever the plan's size, anchor count, epoch and the
+    alignment of its index columns."""
+    for seed, (n, a, offset) in enumerate(PLANS):
+        plan, pool, cos_sin = test_materialize.make_case(n, a, torch.bfloat16,
+                                                         num_slots=400 + seed, seed=seed)
+        plan = test_materialize._sliced(plan, offset)
+        guard = validate.count_violations(plan, 400 + seed, cos_sin.shape[0], 3)
+        k_table, v_table, aligned = triton_materialize._pool_info(pool)
+        triton_materialize._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
+        assert len(recorders["_materialize_kernel"].keys) == 2, (n, a, offset)
+        assert len(recorders["_validate_kernel"].keys) == 1, (n, a, offset)
+
+
+def test_distances_compile_once_for_every_message(recorders):
+    """One distances variant for messages of any length and any anchor count."""
+    for seed, (n, a) in enumerate([(7, 3), (1, 1), (16, 16), (33, 2), (5, 20)]):
+        distances.anchor_distances(*test_distances.make_case(n, a, seed=seed))
+    assert len(recorders["_distances_kernel"].keys) == 1
