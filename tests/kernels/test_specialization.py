@@ -6,35 +6,53 @@ pointer's 16-byte alignment changes, unless told not to specialize it. Plans dif
 those from request to request (sizes, anchor counts, the validator's epoch, index columns split
 from one buffer), and each compile stalls the serving loop for ~0.5-0.7 s (three such stalls in
 one H200 TTFT run). The kernels are recorded instead of launched; nothing here runs them.
+Run as a script (``python -m tests.kernels.test_specialization``), it also compiles every
+recorded variant to sm_90 machine code on the CPU, which catches what the interpreter lets
+through (a loop-carried value changing shape, for one).
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from kvcomm_sglang.kernels import distances, triton_materialize, validate
 from tests.kernels import test_distances, test_materialize
 
 PLANS = [(7, 3, 0), (1, 1, 0), (16, 16, 1), (33, 0, 3), (32, 2, 0), (48, 20, 1), (5, 1, 2)]
+MESSAGES = [(7, 3), (1, 1), (16, 16), (33, 2), (5, 20)]
+TARGET = GPUTarget("cuda", 90, 32)        # H100 / H200
+KERNELS = ((triton_materialize, "_materialize_kernel"), (validate, "_validate_kernel"),
+           (distances, "_distances_kernel"))
 
 
 class Recorder:
     """Stands in for a kernel: binds each launch's arguments as Triton would for an H100/H200
-    and keeps the distinct (specialization, options) keys, i.e. the variants it would compile."""
+    and keeps one launch per distinct (specialization, options) key, i.e. per variant Triton
+    would compile."""
 
     def __init__(self, kernel):
         if not isinstance(kernel, triton.runtime.JITFunction):      # interpreted: same options
             kernel = triton.runtime.JITFunction(kernel.fn, **kernel.kwargs)
-        backend = make_backend(GPUTarget("cuda", 90, 32))
-        self.bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-        self.keys = set()
+        self.kernel, self.backend = kernel, make_backend(TARGET)
+        self.bind = create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        self.variants = {}
+
+    @property
+    def keys(self):
+        return set(self.variants)
 
     def _record(self, *args, **kwargs):
-        _, specialization, options = self.bind(*args, **kwargs)
-        self.keys.add((repr(specialization), repr(sorted(options.items()))))
+        bound, specialization, options = self.bind(*args, **kwargs)
+        key = (repr(specialization), repr(sorted(options.items())))
+        self.variants.setdefault(key, (kwargs, bound, specialization, options))
 
     def __getitem__(self, grid):
         return self._record
@@ -42,12 +60,36 @@ class Recorder:
     def warmup(self, *args, grid, **kwargs):
         self._record(*args, **kwargs)
 
+    def compile_all(self):
+        """Compile every recorded variant for ``TARGET`` as Triton's launcher would."""
+        for kwargs, bound, specialization, options in self.variants.values():
+            options, signature, constexprs, attrs = self.kernel._pack_args(
+                self.backend, kwargs, bound, specialization, options)
+            triton.compile(ASTSource(self.kernel, signature, constexprs, attrs), target=TARGET,
+                           options=options.__dict__)
+
+
+def launch_plans():
+    """Validate and launch materialize for every plan of ``PLANS`` (at other column offsets)."""
+    for seed, (n, a, offset) in enumerate(PLANS):
+        plan, pool, cos_sin = test_materialize.make_case(n, a, torch.bfloat16,
+                                                         num_slots=400 + seed, seed=seed)
+        plan = test_materialize._sliced(plan, offset)
+        guard = validate.count_violations(plan, 400 + seed, cos_sin.shape[0], 3)
+        k_table, v_table, aligned = triton_materialize._pool_info(pool)
+        triton_materialize._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
+        yield n, a, offset
+
+
+def launch_messages():
+    for seed, (n, a) in enumerate(MESSAGES):
+        distances.anchor_distances(*test_distances.make_case(n, a, seed=seed))
+
 
 @pytest.fixture
 def recorders(monkeypatch):
     out = {}
-    for module, name in ((triton_materialize, "_materialize_kernel"),
-                         (validate, "_validate_kernel"), (distances, "_distances_kernel")):
+    for module, name in KERNELS:
         out[name] = Recorder(getattr(module, name))
         monkeypatch.setattr(module, name, out[name])
     monkeypatch.setattr(triton_materialize, "_compiled", set())
@@ -58,19 +100,40 @@ def test_materialize_and_validator_compile_once_for_every_plan(recorders):
     """Two materialize variants (the default tiles for <= 1 and > 1 anchors, both compiled at
     the first launch) and one validator, whatever the plan's size, anchor count, epoch and the
     alignment of its index columns."""
-    for seed, (n, a, offset) in enumerate(PLANS):
-        plan, pool, cos_sin = test_materialize.make_case(n, a, torch.bfloat16,
-                                                         num_slots=400 + seed, seed=seed)
-        plan = test_materialize._sliced(plan, offset)
-        guard = validate.count_violations(plan, 400 + seed, cos_sin.shape[0], 3)
-        k_table, v_table, aligned = triton_materialize._pool_info(pool)
-        triton_materialize._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
+    for n, a, offset in launch_plans():
         assert len(recorders["_materialize_kernel"].keys) == 2, (n, a, offset)
         assert len(recorders["_validate_kernel"].keys) == 1, (n, a, offset)
 
 
 def test_distances_compile_once_for_every_message(recorders):
     """One distances variant for messages of any length and any anchor count."""
-    for seed, (n, a) in enumerate([(7, 3), (1, 1), (16, 16), (33, 2), (5, 20)]):
-        distances.anchor_distances(*test_distances.make_case(n, a, seed=seed))
+    launch_messages()
     assert len(recorders["_distances_kernel"].keys) == 1
+
+
+def test_every_variant_compiles_for_sm90():
+    """The recorded variants compile to sm_90 code on this CPU machine (in a clean process: the
+    kernel tests import the kernels interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.test_specialization"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled 4 variants for sm_90" in done.stdout, done.stdout
+
+
+def main():
+    recorders = {}
+    for module, name in KERNELS:
+        recorders[name] = Recorder(getattr(module, name))
+        setattr(module, name, recorders[name])
+    list(launch_plans())
+    launch_messages()
+    for recorder in recorders.values():
+        recorder.compile_all()
+    total = sum(len(r.variants) for r in recorders.values())
+    print(f"compiled {total} variants for sm_90")
+
+
+if __name__ == "__main__":
+    main()
