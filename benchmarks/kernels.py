@@ -33,6 +33,8 @@ sync debug mode; GPU only). Ops:
     set-weights        that softmax alone (``planner.set_weights``: one stack + softmax per piece)
     plan-flatten       ``from_reuse_plan`` alone (index columns and weight positions by numpy in
                        pinned memory, one non-blocking copy; weights gathered from one table)
+                       (these four rows are timed in turn within each rep, 5x the reps: they
+                       are host-bound, and the host's speed drifts during a run)
     entropy-gate       the predict-as-anchor gate on one piece (torch)
 """
 
@@ -89,23 +91,33 @@ class Timer:
 
     def __call__(self, fn) -> float:
         """Median milliseconds of ``fn()`` (CUDA events on GPU, wall clock on CPU)."""
+        return self.interleaved([fn])[0]
+
+    def interleaved(self, fns, reps=None) -> list[float]:
+        """Median milliseconds of each of ``fns``, timed in turn within every rep, so that a
+        slow spell of the host falls on all of them alike (host-bound rows scatter by ±25 %
+        from call to call)."""
         for _ in range(self.warmup):
-            fn()
+            for fn in fns:
+                fn()
         self.sync()
-        times = []
-        for _ in range(self.reps):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        times = [[] for _ in fns]
+        for _ in range(reps or self.reps):
+            for fn, out in zip(fns, times):
+                out.append(self._once(fn))
+        return [statistics.median(t) for t in times]
+
+    def _once(self, fn) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     def gpu(self, fn) -> float:
         """Median milliseconds of ``fn()``'s device work alone: on CUDA a spin kernel runs ahead
@@ -486,19 +498,21 @@ def bench_reuse_path(cfg, timer, pool, cos_sin, cached, rows, profile=False):
             plan = reuse_plan(cfg, plan_pieces, request_weights(cached, plan_a), device)
             materialize_triton(plan, pool, cos_sin)
 
-        copy_ms = timer.copy_ms(nbytes)
-        rows.append(row("reuse-path", "torch+triton", n, plan_a, timer(request), nbytes,
-                        copy_ms, host_syncs=count_syncs(request)))
-        rows.append(row("reuse-path+weights", "torch+triton", n, plan_a,
-                        timer(request_with_weights), nbytes, copy_ms,
-                        host_syncs=count_syncs(request_with_weights)))
-        rows.append(row("set-weights", "torch", n, plan_a,
-                        timer(lambda: request_weights(cached, plan_a)), 0, None))
-
         def flatten():      # the part of the request spent on the host: plan flattening
             return reuse_plan(cfg, plan_pieces, weights, device)
 
-        rows.append(row("plan-flatten", "torch", n, plan_a, timer(flatten), 0, None,
+        def set_weights_only():
+            return request_weights(cached, plan_a)
+
+        copy_ms = timer.copy_ms(nbytes)
+        ms = timer.interleaved([request, request_with_weights, set_weights_only, flatten],
+                               reps=5 * timer.reps)
+        rows.append(row("reuse-path", "torch+triton", n, plan_a, ms[0], nbytes, copy_ms,
+                        host_syncs=count_syncs(request)))
+        rows.append(row("reuse-path+weights", "torch+triton", n, plan_a, ms[1], nbytes, copy_ms,
+                        host_syncs=count_syncs(request_with_weights)))
+        rows.append(row("set-weights", "torch", n, plan_a, ms[2], 0, None))
+        rows.append(row("plan-flatten", "torch", n, plan_a, ms[3], 0, None,
                         host_syncs=count_syncs(flatten)))
         if profile and plan_a == cfg["plan_anchors"][0]:
             from torch.profiler import ProfilerActivity, profile as torch_profile
