@@ -93,10 +93,10 @@ class Timer:
         """Median milliseconds of ``fn()`` (CUDA events on GPU, wall clock on CPU)."""
         return self.interleaved([fn])[0]
 
-    def interleaved(self, fns, reps=None) -> list[float]:
+    def interleaved(self, fns, reps=None, spin=False) -> list[float]:
         """Median milliseconds of each of ``fns``, timed in turn within every rep, so that a
         slow spell of the host falls on all of them alike (host-bound rows scatter by ±25 %
-        from call to call)."""
+        from call to call). ``spin``: see ``gpu``."""
         for _ in range(self.warmup):
             for fn in fns:
                 fn()
@@ -104,12 +104,14 @@ class Timer:
         times = [[] for _ in fns]
         for _ in range(reps or self.reps):
             for fn, out in zip(fns, times):
-                out.append(self._once(fn))
+                out.append(self._once(fn, spin))
         return [statistics.median(t) for t in times]
 
-    def _once(self, fn) -> float:
+    def _once(self, fn, spin=False) -> float:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if spin:
+                torch.cuda._sleep(SPIN_CYCLES)
             start.record()
             fn()
             end.record()
@@ -124,21 +126,7 @@ class Timer:
         of the start event, so the host has queued ``fn``'s launches before the device reaches
         them and launch latency is not counted (``__call__`` counts it: what a caller waits).
         Only for ``fn`` without host syncs; the same as ``__call__`` on CPU."""
-        if self.device.type != "cuda":
-            return self(fn)
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(SPIN_CYCLES)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return self.interleaved([fn], spin=True)[0]
 
     def copy_ms(self, nbytes: int) -> float:
         """A device-to-device copy that reads nbytes/2 and writes nbytes/2, its device time alone
