@@ -273,35 +273,3 @@ def test_flashinfer_matches_reference(dtype, is_neox, head_dim, rotary_dim):
     # FlashInfer rotates the stored (rounded) sum: two roundings where the reference has one.
     run_and_compare(materialize_flashinfer, plan, pool, cos_sin, tol_scale=2.0)
 
-
-def _compiled_variants(kernel) -> int:
-    return sum(len(cache[0]) for cache in kernel.device_caches.values())
-
-
-def _sliced(plan, offset):
-    """The same plan with every index column and token weight a view at ``offset`` elements into
-    a larger buffer (as ``from_reuse_plan``'s split columns are): other 16-byte alignments."""
-    fields = dict(plan.__dict__)
-    for name in ("dst_slots", "src_slots", "positions", "group", "token_wk", "token_wv"):
-        t = fields[name]
-        fields[name] = torch.cat([t.new_zeros((offset,) + t.shape[1:]), t])[offset:]
-    return MaterializePlan(**fields)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels only (the interpreter compiles "
-                                             "nothing)")
-def test_one_compile_serves_plans_of_every_size_anchor_count_and_offset():
-    """After the first plan, plans with other token and anchor counts (1 and multiples of 16
-    included), index columns at other alignments and another validation epoch launch the
-    kernels compiled then: a compile while serving is a stall of ~0.5 s (seen on an H200)."""
-    from kvcomm_sglang.kernels import validate
-
-    run_and_compare(materialize_triton, *make_case(7, 3, torch.bfloat16, seed=11))
-    counts = (_compiled_variants(triton_materialize._materialize_kernel),
-              _compiled_variants(validate._validate_kernel))
-    for seed, (n, a, offset) in enumerate([(1, 1, 0), (16, 16, 1), (33, 0, 3), (32, 2, 0),
-                                           (48, 20, 1), (5, 1, 2)]):
-        plan, pool, cos_sin = make_case(n, a, torch.bfloat16, num_slots=400, seed=seed)
-        run_and_compare(materialize_triton, _sliced(plan, offset), pool, cos_sin)
-    assert (_compiled_variants(triton_materialize._materialize_kernel),
-            _compiled_variants(validate._validate_kernel)) == counts

@@ -5,7 +5,8 @@ Triton compiles a new variant when an integer argument becomes 1 or a multiple o
 pointer's 16-byte alignment changes, unless told not to specialize it. Plans differ in all of
 those from request to request (sizes, anchor counts, the validator's epoch, index columns split
 from one buffer), and each compile stalls the serving loop for ~0.5-0.7 s (three such stalls in
-one H200 TTFT run). The kernels are recorded instead of launched; nothing here runs them.
+one H200 TTFT run). On the CPU the kernels are recorded instead of launched; on a GPU one test
+launches the same plans and counts Triton's compiled variants.
 Run as a script (``python -m tests.kernels.test_specialization``), it also compiles every
 recorded variant to sm_90 machine code on the CPU, which catches what the interpreter lets
 through (a loop-carried value changing shape, for one).
@@ -23,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kvcomm_sglang.kernels import distances, triton_materialize, validate
+from kvcomm_sglang.kernels import MaterializePlan, distances, triton_materialize, validate
 from tests.kernels import test_distances, test_materialize
 
 PLANS = [(7, 3, 0), (1, 1, 0), (16, 16, 1), (33, 0, 3), (32, 2, 0), (48, 20, 1), (5, 1, 2)]
@@ -69,13 +70,28 @@ class Recorder:
                            options=options.__dict__)
 
 
-def launch_plans():
-    """Validate and launch materialize for every plan of ``PLANS`` (at other column offsets)."""
+def sliced(plan, offset):
+    """The same plan with every index column and token weight a view at ``offset`` elements into
+    a larger buffer (as ``from_reuse_plan``'s split columns are): other 16-byte alignments."""
+    fields = dict(plan.__dict__)
+    for name in ("dst_slots", "src_slots", "positions", "group", "token_wk", "token_wv"):
+        t = fields[name]
+        fields[name] = torch.cat([t.new_zeros((offset,) + t.shape[1:]), t])[offset:]
+    return MaterializePlan(**fields)
+
+
+def plan_cases():
+    """(n, a, offset, (plan, pool, cos_sin)) for every plan of ``PLANS``, at its column offset."""
     for seed, (n, a, offset) in enumerate(PLANS):
         plan, pool, cos_sin = test_materialize.make_case(n, a, torch.bfloat16,
                                                          num_slots=400 + seed, seed=seed)
-        plan = test_materialize._sliced(plan, offset)
-        guard = validate.count_violations(plan, 400 + seed, cos_sin.shape[0], 3)
+        yield n, a, offset, (sliced(plan, offset), pool, cos_sin)
+
+
+def launch_plans():
+    """Validate and launch materialize for every plan of ``PLANS`` (at other column offsets)."""
+    for n, a, offset, (plan, pool, cos_sin) in plan_cases():
+        guard = validate.count_violations(plan, pool.k_buffer[0].shape[0], cos_sin.shape[0], 3)
         k_table, v_table, aligned = triton_materialize._pool_info(pool)
         triton_materialize._launch(plan, pool, cos_sin, guard, k_table, v_table, aligned)
         yield n, a, offset
@@ -109,6 +125,27 @@ def test_distances_compile_once_for_every_message(recorders):
     """One distances variant for messages of any length and any anchor count."""
     launch_messages()
     assert len(recorders["_distances_kernel"].keys) == 1
+
+
+def _compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="compiled kernels only (the interpreter compiles nothing)")
+def test_one_compile_serves_plans_of_every_size_anchor_count_and_offset():
+    """On the card: after the first plan, plans with other token and anchor counts (1 and
+    multiples of 16 included), index columns at other alignments and another validation epoch
+    launch the kernels compiled then (a compile while serving is a stall of ~0.5 s)."""
+    cases = plan_cases()
+    _, _, _, first = next(cases)
+    test_materialize.run_and_compare(triton_materialize.materialize_triton, *first)
+    counts = (_compiled_variants(triton_materialize._materialize_kernel),
+              _compiled_variants(validate._validate_kernel))
+    for _, _, _, case in cases:
+        test_materialize.run_and_compare(triton_materialize.materialize_triton, *case)
+    assert (_compiled_variants(triton_materialize._materialize_kernel),
+            _compiled_variants(validate._validate_kernel)) == counts
 
 
 def test_every_variant_compiles_for_sm90():
