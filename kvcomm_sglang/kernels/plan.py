@@ -78,13 +78,13 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     the destination positions in [lo, hi) (default: every piece); ``dst_slots`` has one slot per
     kept position, in prompt order.
 
-    Everything per row or per piece is numpy on the host, written into one pinned buffer: the
-    index columns (src, positions, group, deviation slots) and the positions of each row's
-    weights in one table of the pieces' packed weights. The device then does a fixed handful of
-    launches whatever the number of pieces: one non-blocking copy, one concatenation of the
-    packed weights (plus a zero block that padded anchors and unweighted rows point at), one
-    gather of the token weights and one of the channel weights (K and V together). No host
-    sync.
+    Everything per row or per piece is numpy on the host, written into one pinned buffer in the
+    plan's own layouts: the index columns (src, positions, group, deviation slots (N, A)) and
+    the positions of each row's weights ((2, N, A) for K and V) in one table of the pieces'
+    packed weights. The device then does a fixed handful of launches whatever the number of
+    pieces: one non-blocking copy, one concatenation of the packed weights (plus a zero block
+    that padded anchors and unweighted rows point at), one gather of the token weights and one
+    of the channel weights (K and V together); no transposes. No host sync.
     """
     device = dst_slots.device
     lo, hi = rows if rows is not None else (0, 1 << 62)
@@ -112,14 +112,13 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
         raise ValueError(f"plan covers {n} tokens, {dst_slots.shape[0]} dst slots given")
     a = max((len(p.anchors) for p, _, _ in kept), default=0)
     g = sum(1 for p, _, _ in kept if p.kind == "template" and p.anchors)
-    # the host buffer: src, pos, group, deviation slots (a, n) and token weight positions
-    # (2, a, n), anchor major so that each anchor's run of a piece is one contiguous write (the
-    # device transposes them), channel weight positions (2, g, a)
+    # the host buffer: src, pos, group, deviation slots (n, a), token weight positions (2, n, a)
+    # and channel weight positions (2, g, a)
     at_tok, at_chan = (3 + a) * n, (3 + 3 * a) * n
     host = _staging(device).take(at_chan + 2 * g * a)
     src, pos, group = host[:n], host[n:2 * n], host[2 * n:3 * n]
-    dev = host[3 * n:at_tok].reshape(a, n)
-    tok = host[at_tok:at_chan].reshape(2, a, n)
+    dev = host[3 * n:at_tok].reshape(n, a)
+    tok = host[at_tok:at_chan].reshape(2, n, a)
     chan = host[at_chan:].reshape(2, g, a)
     host[2 * n:at_tok].fill(-1)            # content rows' group; no deviation
     host[at_tok:].fill(total)              # padded anchors, unweighted rows: the zero block
@@ -133,7 +132,7 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
             raise ValueError("kernels materialize de-rotated storage only (derotated_storage=True)")
         src[r:r + m] = _numpy(slots_of(piece.source))[off:off + m]
         for i, anchor in enumerate(piece.anchors):
-            dev[i, r:r + m] = _numpy(slots_of((anchor, reuse.consumer, piece.kind)))[off:off + m]
+            dev[r:r + m, i] = _numpy(slots_of((anchor, reuse.consumer, piece.kind)))[off:off + m]
         if piece.anchors:
             base, k, width = bases[id(piece.packed)]
             tokens = (width - 2 * lhd) // 2
@@ -145,10 +144,10 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
             else:
                 if off + m > tokens:
                     raise ValueError(f"content piece of {off + m} tokens, weights for {tokens}")
-                for i in range(k):
-                    at_k = base + i * width + off
-                    tok[0, i, r:r + m] = np.arange(at_k, at_k + m)
-                    tok[1, i, r:r + m] = np.arange(at_k + tokens, at_k + tokens + m)
+                # row j, anchor i: base + i * width + off + j (K), + tokens (V)
+                starts = np.arange(base + off, base + off + k * width, width)
+                np.add(starts, _ramp(m), out=tok[0, r:r + m, :k])
+                np.add(tok[0, r:r + m, :k], tokens, out=tok[1, r:r + m, :k])
         r += m
     if n:
         pos[:] = np.arange(first, first + n)
@@ -157,12 +156,11 @@ def from_reuse_plan(reuse, dst_slots: torch.Tensor, slots_of, num_layers: int, n
     table = torch.cat([t.view(-1) for t in tables] + [_zero_block(at, lhd)]).to(device)
     src_t, pos_t, group_t, dev_t, tok_t, chan_t = columns.split(
         [n, n, n, n * a, 2 * n * a, 2 * g * a])
-    token_wk, token_wv = table[tok_t.view(2, a, n)].transpose(1, 2).contiguous().unbind()
+    token_wk, token_wv = table[tok_t.view(2, n, a)].unbind()
     channel_wk, channel_wv = table[chan_t.view(2, g, a, 1) + _arange(device, lhd)].view(
         2, g, a, num_layers, num_heads, head_dim).unbind()
-    return MaterializePlan(dst_slots, src_t, pos_t, dev_t.view(a, n).t().contiguous(), token_wk,
-                           token_wv, group_t, channel_wk, channel_wv, first_corrected_layer,
-                           is_neox)
+    return MaterializePlan(dst_slots, src_t, pos_t, dev_t.view(n, a), token_wk, token_wv,
+                           group_t, channel_wk, channel_wv, first_corrected_layer, is_neox)
 
 
 def _check_packed(piece, packed, lhd: int) -> None:
@@ -189,6 +187,16 @@ def _arange(device: torch.device, size: int) -> torch.Tensor:
     if key not in _constants:
         _constants[key] = torch.arange(size, device=device)
     return _constants[key]
+
+
+def _ramp(m: int) -> np.ndarray:
+    """(m, 1) int64 0..m-1, a read-only view of one cached array."""
+    ramp = _constants.get("ramp")
+    if ramp is None or ramp.shape[0] < m:
+        ramp = np.arange(max(m, 1 << 14), dtype=np.int64)[:, None]
+        ramp.flags.writeable = False
+        _constants["ramp"] = ramp
+    return ramp[:m]
 
 
 def _numpy(slots) -> np.ndarray:
