@@ -29,7 +29,7 @@ class PoolKV:
 
     @property
     def length(self) -> int:
-        return int(self.slots.shape[0])
+        return len(self.slots_np)       # host data: no torch call per piece of a plan
 
     @property
     def nbytes(self) -> int:
