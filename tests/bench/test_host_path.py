@@ -6,7 +6,7 @@ from argparse import Namespace
 from benchmarks import host_path
 
 
-def test_decide_makes_no_torch_call_and_the_flatten_none_per_row():
+def test_decide_makes_no_torch_call_and_the_flatten_one_view_per_weight_table():
     args = Namespace(warmup=3, workflows=1, output_tokens=16, top=0, device="cpu",
                      compare_flatten=None, shape="tiny", sort="tottime")
     rows, calls = host_path.run(args)
