@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import pathlib
 import pstats
 import statistics
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
+from benchmarks.kernels import load_module  # noqa: E402
 from benchmarks.ttft_gpu import Workload  # noqa: E402
 from kvcomm_sglang import protocol  # noqa: E402
 from kvcomm_sglang.config import KVCommConfig  # noqa: E402
@@ -136,10 +136,7 @@ def compare_flatten(server: Server, other: str, reps: int = 400) -> None:
     """``from_reuse_plan`` of this tree vs the one in ``other`` (a plan.py, e.g. from the
     previous commit) on the last workflow's last plan, interleaved call by call in this
     process: a host change measured against its predecessor in the same run."""
-    spec = importlib.util.spec_from_file_location("other_plan", other)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["other_plan"] = module
-    spec.loader.exec_module(module)
+    module = load_module(other, "other_plan")
     args, kwargs = server.last_flatten
     sync = torch.cuda.synchronize if args[1].is_cuda else (lambda: None)
     times = {"this": [], "other": []}

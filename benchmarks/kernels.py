@@ -288,7 +288,7 @@ def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None, module
     validated once here, then each call is the kernel's launch alone with a zero guard, timed
     with ``Timer.gpu``: the fused kernel's own GPU time (what the bandwidth goal is about); the
     ``triton`` rows time the whole call, validation, launches and the host read included.
-    ``module``: another tree's ``triton_materialize`` (``load_old_kernel``), else ours."""
+    ``module``: another tree's ``triton_materialize`` (``load_module``), else ours."""
     from kvcomm_sglang.kernels import triton_materialize
 
     module = module or triton_materialize
@@ -299,11 +299,13 @@ def triton_kernel_only(plan, pool, cos_sin, block_n=None, num_warps=None, module
                                   num_warps)
 
 
-def load_old_kernel(path):
-    """Another tree's ``triton_materialize.py`` as a module (it imports the plan format and the
-    validator from this tree), so both kernels are timed in one process on the same pool."""
-    spec = importlib.util.spec_from_file_location("old_triton_materialize", path)
+def load_module(path, name):
+    """Another tree's module file (e.g. the previous commit's ``triton_materialize.py`` or
+    ``plan.py``) loaded as ``name`` beside ours; it imports everything else from this tree, so
+    both versions are timed in one process on the same data."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # dataclasses look their module up while decorating
     spec.loader.exec_module(module)
     return module
 
@@ -586,7 +588,8 @@ def main(argv=None):
             del backends["flashinfer"]
             print(f"flashinfer: {fi_status}")
     rows = []
-    old_kernel = load_old_kernel(args.compare_kernel) if args.compare_kernel else None
+    old_kernel = (load_module(args.compare_kernel, "old_triton_materialize")
+                  if args.compare_kernel else None)
     if args.sweep_blocks and args.sweep_anchors:
         sweep_triton_blocks(cfg, timer, pool, cos_sin, rows, args.sweep_anchors, distances=False,
                             old_kernel=old_kernel)
