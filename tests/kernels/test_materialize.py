@@ -272,4 +272,3 @@ def test_flashinfer_matches_reference(dtype, is_neox, head_dim, rotary_dim):
     plan, pool, cos_sin = make_case(33, 3, dtype, is_neox, rotary_dim, head_dim=head_dim)
     # FlashInfer rotates the stored (rounded) sum: two roundings where the reference has one.
     run_and_compare(materialize_flashinfer, plan, pool, cos_sin, tol_scale=2.0)
-

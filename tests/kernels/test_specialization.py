@@ -102,14 +102,19 @@ def launch_messages():
         distances.anchor_distances(*test_distances.make_case(n, a, seed=seed))
 
 
-@pytest.fixture
-def recorders(monkeypatch):
+def install_recorders(set_attr=setattr) -> dict:
+    """A ``Recorder`` in place of each kernel of ``KERNELS`` (``set_attr``: e.g. monkeypatch's)."""
     out = {}
     for module, name in KERNELS:
         out[name] = Recorder(getattr(module, name))
-        monkeypatch.setattr(module, name, out[name])
-    monkeypatch.setattr(triton_materialize, "_compiled", set())
+        set_attr(module, name, out[name])
     return out
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    monkeypatch.setattr(triton_materialize, "_compiled", set())
+    return install_recorders(monkeypatch.setattr)
 
 
 def test_materialize_and_validator_compile_once_for_every_plan(recorders):
@@ -160,10 +165,7 @@ def test_every_variant_compiles_for_sm90():
 
 
 def main():
-    recorders = {}
-    for module, name in KERNELS:
-        recorders[name] = Recorder(getattr(module, name))
-        setattr(module, name, recorders[name])
+    recorders = install_recorders()
     list(launch_plans())
     launch_messages()
     for recorder in recorders.values():
