@@ -71,13 +71,13 @@ class Server:
         self.count = 0
         self.flatten_ms: list[float] = []
         self.profiler, self.profiling = cProfile.Profile(), False
-        self.counting, self.decide_calls, self.flatten_calls = False, [], []
+        self.counting, self.decide_calls, self.flatten_calls = False, None, None
 
     def serve(self, ids, new_tokens: int, hints: dict, namespace: str):
         """One request: decide, materialize the reused tail (as init_load_back), 'compute' the
         rest (random KV), finish (captures). Returns (decision, decide_ms, output ids)."""
         self.count += 1
-        self.flatten_calls = []
+        self.flatten_calls = None
         out = [7 + (self.count * 31 + i) % 9000 for i in range(new_tokens)]
         req = types.SimpleNamespace(
             rid=f"r{self.count}", origin_input_ids=list(ids), extra_key=namespace,
@@ -97,7 +97,7 @@ class Server:
         if self.counting:
             with TorchCalls() as calls:
                 decision = self.runtime.decide(req)
-            self.decide_calls = calls.names
+            self.decide_calls = calls
         else:
             decision = self.runtime.decide(req)
         decide_ms = (time.perf_counter() - start) * 1e3
@@ -120,7 +120,7 @@ def timed_flatten(server: Server):
         if server.counting:
             with TorchCalls() as calls:
                 plan = inner(*args, **kwargs)
-            server.flatten_calls = calls.names
+            server.flatten_calls = calls
             return plan
         server.last_flatten = (args, kwargs)
         start = time.perf_counter()
@@ -153,7 +153,7 @@ def compare_flatten(server: Server, other: str, reps: int = 400) -> None:
 
 def run(args) -> tuple[list[dict], dict]:
     """Print the table and the profile; return the timed rows and, per agent, the torch calls
-    (names) of decide and of the flatten in the counted workflow."""
+    (``TorchCalls``) of decide and of the flatten in the counted workflow (None: no flatten)."""
     config = KVCommConfig(gamma=1.0)          # as the GPU timing run: the gate is off
     server = Server(config, args.shape, args.device)
     timed_flatten(server)
@@ -202,8 +202,8 @@ def run(args) -> tuple[list[dict], dict]:
         print(f"{agent:>5} {mine[0]['tokens']:>7} {len(reused):>3}/{len(mine):<3} "
               f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f} "
               f"{med('plan_ms'):>8.3f} {med('materialize_ms'):>8.3f} "
-              f"{len(calls[agent][0]) if agent in calls else '-':>20} "
-              f"{len(calls[agent][1]) if agent in calls else '-':>8}")
+              f"{_count(calls.get(agent, (None,))[0]):>20} "
+              f"{_count(calls.get(agent, (None, None))[1]):>8}")
     anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
                for ph, p in ns.state.anchors.pools.items()}
     print(f"anchors per placeholder: {anchors}")
@@ -214,6 +214,10 @@ def run(args) -> tuple[list[dict], dict]:
     stats = pstats.Stats(server.profiler)
     stats.sort_stats(args.sort).print_stats(args.top)
     return rows, calls
+
+
+def _count(calls) -> str:
+    return "-" if calls is None else str(len(calls.names))
 
 
 def main(argv=None) -> None:

@@ -14,11 +14,11 @@ def test_decide_makes_no_torch_call_and_the_flatten_one_view_per_weight_table():
     assert sorted(calls) == [1, 2, 3, 4, 5]
     for agent, (decide, flatten) in calls.items():
         # prompt checks and planning are host data only (token ids, numpy slots, cached weights)
-        assert decide == [], (agent, decide)
+        assert decide.names == [], (agent, decide.names)
     # agent k reads k messages (the question, then one more per agent): one more content piece
     # and template piece over one more weight table each time, which costs the flatten one
     # view of that table, however many rows it adds
-    dispatched = [[n for n in calls[agent][1] if n != "__get__"] for agent in range(1, 6)]
+    dispatched = [calls[agent][1].dispatched for agent in range(1, 6)]
     counts = [len(d) for d in dispatched]
     assert [b - a for a, b in zip(counts, counts[1:])] == [1] * 4, dispatched
     assert counts[0] <= 13, dispatched[0]
