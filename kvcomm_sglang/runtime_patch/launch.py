@@ -8,17 +8,27 @@ What it adds to the user's arguments (each only where the user did not say other
 * with ``--device cpu``, the CPU recipe of reference/sglang-on-cpu.md §6.1/§10:
   ``SGLANG_USE_CPU_ENGINE=1``, ``OMP_NUM_THREADS=1``, the ``sgl_kernel`` import shim first on
   ``PYTHONPATH``, ``--attention-backend torch_native --sleep-on-idle --max-total-tokens 20000
-  --enable-cache-report``.
+  --enable-cache-report``;
+* on CUDA (no ``--device``, or ``--device cuda``): ``--cuda-graph-bs-prefill`` with prefill
+  CUDA-graph buckets 1 and 2 beside SGLang's default buckets (``prefill_graph_buckets``). A
+  reused or cached prefix leaves a one-token tail to compute; SGLang 0.5.17's default buckets
+  start at 4 tokens and it replays a graph only when padding at most doubles the tokens, so
+  that prefill ran eagerly (radix hit 24 -> 16 ms for a 3.7 K-token prompt on an H100).
+  Skipped when the user configures prefill graphs (``USER_GRAPH_FLAGS``).
 
 Then it execs ``python -m sglang.launch_server`` (the entry point that the CPU recipe was checked
 with), so signals (Ctrl-C, SIGTERM) reach SGLang's launcher directly. ``build_command`` is the
-pure part, shared with the server test fixtures.
+part without side effects (but one ``nvidia-smi`` query on CUDA, for the default buckets),
+shared with the server test fixtures.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -38,6 +48,18 @@ CPU_DEFAULTS = (
 )
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 CPU_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1"}  # 8-20x faster decode on small CPUs
+
+PREFILL_GRAPH_FLAG = "--cuda-graph-bs-prefill"  # SGLang 0.5.17: a list of ints, replaces defaults
+TAIL_BUCKETS = (1, 2)
+# After any of these the prefill graphs are the user's: the flag and its deprecated alias, the
+# JSON graph config (it outranks flags), the switches that turn prefill graphs off, and a YAML
+# config file (it ranks below the command line, so an added flag would override its values).
+USER_GRAPH_FLAGS = (PREFILL_GRAPH_FLAG, "--piecewise-cuda-graph-tokens", "--cuda-graph-config",
+                    "--disable-cuda-graph", "--disable-prefill-cuda-graph",
+                    "--disable-piecewise-cuda-graph", "--config")
+MAX_PREFILL_GRAPH_FLAGS = ("--cuda-graph-max-bs-prefill", "--piecewise-cuda-graph-max-tokens")
+_SCALES = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}  # SGLang's human_readable_int
 
 
 def build_command(argv: Sequence[str], env: Mapping[str, str], *,
@@ -61,6 +83,8 @@ def build_command(argv: Sequence[str], env: Mapping[str, str], *,
         new_env["PYTHONPATH"] = _prepend_path(str(SHIM_DIR), env.get("PYTHONPATH", ""))
     if not _is_help(args) and not any(_has_flag(args, flag) for flag in MODEL_FLAGS):
         args = ["--model-path", str(_default_model_dir()), *args]
+    if _wants_prefill_graph_buckets(args):
+        args += [PREFILL_GRAPH_FLAG, *map(str, prefill_graph_buckets(args, new_env))]
     return [sys.executable, "-m", SERVER_MODULE, *args], new_env
 
 
@@ -72,6 +96,86 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "[other `python -m sglang.launch_server` arguments]")
     cmd, env = build_command(argv[1:], os.environ)
     os.execvpe(cmd[0], cmd, env)
+
+
+def prefill_graph_buckets(args: Sequence[str], env: Mapping[str, str]) -> list[int]:
+    """``TAIL_BUCKETS`` and SGLang 0.5.17's default prefill buckets for these server arguments
+    (``default_prefill_buckets`` up to ``prefill_graph_max_tokens``), ascending."""
+    return sorted({*TAIL_BUCKETS, *default_prefill_buckets(prefill_graph_max_tokens(args, env))})
+
+
+def default_prefill_buckets(max_tokens: int) -> list[int]:
+    """SGLang 0.5.17's ``ServerArgs._generate_prefill_cuda_graph_batch_sizes(max_tokens)``."""
+    sizes = [*range(4, 33, 4), *range(48, 257, 16), *range(288, 513, 32), *range(576, 1025, 64),
+             *range(1280, 4097, 256), *range(4608, max_tokens + 1, 512)]
+    return [size for size in sizes if size <= max_tokens]
+
+
+def prefill_graph_max_tokens(args: Sequence[str], env: Mapping[str, str]) -> int:
+    """The largest default prefill bucket, as SGLang 0.5.17 resolves it for a non-MLA model
+    (``ServerArgs._handle_gpu_memory_settings``, then the DP-attention clamp): the user's
+    ``--cuda-graph-max-bs-prefill``, else the chunked prefill size (the user's, else the one
+    SGLang picks from the smallest GPU's memory), at most ``--max-total-tokens``, at most 4096
+    for a ``llama-2`` model path, divided by ``--dp-size`` with ``--enable-dp-attention``.
+    (MLA models, 2048 in SGLang, are not told apart: their list goes up to the chunked size.)"""
+    explicit = _int_flag(args, *MAX_PREFILL_GRAPH_FLAGS)
+    if explicit is not None:
+        return explicit
+    chunked = _int_flag(args, "--chunked-prefill-size")
+    if chunked is None:
+        chunked = default_chunked_prefill_size(gpu_memory_mib(env))
+    max_tokens = chunked
+    total = _int_flag(args, "--max-total-tokens")
+    if total is not None:
+        max_tokens = min(max_tokens, total)
+    model = _flag_value(args, "--model-path") or _flag_value(args, "--model") or ""
+    if "llama-2" in model.lower():
+        max_tokens = min(max_tokens, 4096)
+    if "--enable-dp-attention" in args:
+        max_tokens = min(max_tokens, chunked // (_int_flag(args, "--dp-size") or 1))
+    return max_tokens
+
+
+def default_chunked_prefill_size(gpu_memory: float | None) -> int:
+    """SGLang 0.5.17's default ``--chunked-prefill-size`` for a GPU of ``gpu_memory`` MiB."""
+    if gpu_memory is None:
+        return 4096
+    for below_gib, size in ((35, 2048), (60, 4096), (160, 8192)):
+        if gpu_memory < below_gib * 1024:
+            return size
+    return 16384
+
+
+def gpu_memory_mib(env: Mapping[str, str]) -> float | None:
+    """The smallest GPU's memory in MiB, read as SGLang reads it (``nvidia-smi`` on the server's
+    ``PATH``); None when there is no ``nvidia-smi`` or it reports no number."""
+    tool = shutil.which("nvidia-smi", path=env.get("PATH", ""))
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run([tool, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                              env=dict(env), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    values = [float(v) for v in done.stdout.split() if re.fullmatch(r"\d+(\.\d+)?", v)]
+    return min(values) if done.returncode == 0 and values else None
+
+
+def _wants_prefill_graph_buckets(args: Sequence[str]) -> bool:
+    return (_flag_value(args, "--device") in (None, "cuda") and not _is_help(args)
+            and not any(_has_flag(args, flag) for flag in USER_GRAPH_FLAGS))
+
+
+def _int_flag(args: Sequence[str], *flags: str) -> int | None:
+    """The value of the first of ``flags`` in ``args`` as SGLang parses it (an int, or for
+    ``human_readable_int`` flags a number with an SI or IEC suffix: 20k, 64Ki); None when absent
+    or unreadable (SGLang's own parser then reports it)."""
+    value = next((v for flag in flags if (v := _flag_value(args, flag)) is not None), None)
+    match = re.fullmatch(r"(-?\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", (value or "").strip())
+    if match is None:
+        return None
+    number, suffix = match.groups()
+    return int(float(number) * _SCALES.get(suffix, 1))
 
 
 def _plugins_whitelist(current: str, plugin: bool) -> str:

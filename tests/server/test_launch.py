@@ -85,6 +85,122 @@ def test_shim_not_duplicated_on_pythonpath():
     assert env["PYTHONPATH"] == str(launch.SHIM_DIR)
 
 
+# ---- prefill CUDA-graph buckets on CUDA ----
+
+# benchmarks/gpu/ttft_servers.sh's GRAPH_FIX list: SGLang's default buckets on an H100/H200
+# (chunked prefill 8192) plus 1 and 2
+H200_BUCKETS = ([1, 2] + list(range(4, 33, 4)) + list(range(48, 257, 16)) +
+                list(range(288, 513, 32)) + list(range(576, 1025, 64)) +
+                list(range(1280, 4097, 256)) + list(range(4608, 8193, 512)))
+H200_MIB = 143771
+
+
+def fake_gpus(tmp_path, *memory_mib) -> dict:
+    """A server env whose PATH holds only an ``nvidia-smi`` reporting these GPUs' memory; each
+    call is logged beside it (``nvidia-smi.calls``)."""
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\n'
+                    f"printf '%s\\n' {' '.join(map(str, memory_mib))}\n")
+    tool.chmod(0o755)
+    return {"PATH": str(tmp_path)}
+
+
+def buckets_of(args: list[str]) -> list[int] | None:
+    if launch.PREFILL_GRAPH_FLAG not in args:
+        return None
+    assert args.count(launch.PREFILL_GRAPH_FLAG) == 1, args
+    tail = args[args.index(launch.PREFILL_GRAPH_FLAG) + 1:]
+    return [int(v) for v in tail[:next((i for i, v in enumerate(tail) if v.startswith("-")),
+                                        len(tail))]]
+
+
+@pytest.mark.parametrize("device_args", [[], ["--device", "cuda"], ["--device=cuda"]])
+def test_cuda_adds_one_and_two_token_buckets_to_the_defaults(tmp_path, device_args):
+    user_args = ["--model-path", MODEL, *device_args, "--port", "30000"]
+    args = args_of(build(user_args, fake_gpus(tmp_path, H200_MIB, H200_MIB))[0])
+    assert args[:len(user_args)] == user_args
+    assert buckets_of(args) == H200_BUCKETS
+    assert (tmp_path / "nvidia-smi.calls").read_text().split() == [
+        "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+
+
+def test_no_prefill_buckets_on_cpu(tmp_path):
+    env = fake_gpus(tmp_path, H200_MIB)
+    args = args_of(build(["--model-path", MODEL, "--device", "cpu"], env)[0])
+    assert buckets_of(args) is None
+    assert not (tmp_path / "nvidia-smi.calls").exists()
+
+
+@pytest.mark.parametrize("user_graph_args", [
+    ["--cuda-graph-bs-prefill", "4", "8"], ["--cuda-graph-bs-prefill=16"],
+    ["--piecewise-cuda-graph-tokens", "4"], ["--cuda-graph-config", '{"prefill": {}}'],
+    ["--disable-cuda-graph"], ["--disable-prefill-cuda-graph"],
+    ["--disable-piecewise-cuda-graph"], ["--config", "server.yaml"]])
+def test_user_prefill_graph_settings_are_left_alone(tmp_path, user_graph_args):
+    user_args = ["--model-path", MODEL, *user_graph_args]
+    args = args_of(build(user_args, fake_gpus(tmp_path, H200_MIB), plugin=False)[0])
+    assert args == user_args
+    assert not (tmp_path / "nvidia-smi.calls").exists()
+
+
+def expected_buckets(max_bucket: int) -> list[int]:
+    return sorted({1, 2, *launch.default_prefill_buckets(max_bucket)})
+
+
+@pytest.mark.parametrize("memory_mib, max_bucket", [
+    ((), 4096), ((16384,), 2048), ((24576,), 2048), ((40960,), 4096), ((81559,), 8192),
+    ((H200_MIB,), 8192), ((183359,), 16384), ((183359, 81559), 8192)])
+def test_default_buckets_follow_the_smallest_gpu(tmp_path, memory_mib, max_bucket):
+    """SGLang's default chunked prefill size per GPU memory (no number read: 4096)."""
+    args = args_of(build(["--model-path", MODEL], fake_gpus(tmp_path, *memory_mib))[0])
+    assert buckets_of(args) == expected_buckets(max_bucket)
+    assert max(buckets_of(args)) == max_bucket
+
+
+def test_no_gpu_tool_means_sglangs_unknown_memory_default():
+    assert buckets_of(args_of(build(["--model-path", MODEL], {"PATH": ""})[0])) == \
+        expected_buckets(4096)
+
+
+@pytest.mark.parametrize("size_args, max_bucket", [
+    (["--chunked-prefill-size", "2048"], 2048),
+    (["--chunked-prefill-size=1000"], 960),
+    (["--cuda-graph-max-bs-prefill", "512"], 512),
+    (["--piecewise-cuda-graph-max-tokens", "24"], 24),
+    (["--cuda-graph-max-bs-prefill", "512", "--chunked-prefill-size", "2048"], 512),
+    (["--chunked-prefill-size", "-1"], 2),
+    (["--max-total-tokens", "3Ki"], 3072),
+    (["--max-total-tokens", "2.5k"], 2304),
+    (["--max-total-tokens", "20000"], 8192),
+    (["--enable-dp-attention", "--dp-size", "4"], 2048),
+    (["--chunked-prefill-size", "8192", "--model-path", "meta-llama/Llama-2-13b-hf"], 4096)])
+def test_buckets_follow_the_users_sizes(tmp_path, size_args, max_bucket):
+    args = args_of(build(["--model-path", MODEL, *size_args], fake_gpus(tmp_path, H200_MIB))[0])
+    assert buckets_of(args) == expected_buckets(max_bucket)
+    assert max(buckets_of(args)) == max_bucket
+
+
+def test_chunked_prefill_size_given_means_no_gpu_query(tmp_path):
+    build(["--model-path", MODEL, "--chunked-prefill-size", "4096"], fake_gpus(tmp_path, 1))
+    assert not (tmp_path / "nvidia-smi.calls").exists()
+
+
+def test_buckets_are_sglangs_own_flag_and_default_list(tmp_path):
+    """Contract with SGLang 0.5.17: its parser reads the added flag as the bucket list, and
+    ``default_prefill_buckets`` is its own generator."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = args_of(build(["--model-path", MODEL], fake_gpus(tmp_path, H200_MIB))[0])
+    assert parser.parse_args(args).cuda_graph_bs_prefill == H200_BUCKETS
+    for max_tokens in (-1, 1, 4, 100, 1000, 2048, 4096, 8192, 9000, 16384):
+        assert launch.default_prefill_buckets(max_tokens) == \
+            ServerArgs._generate_prefill_cuda_graph_batch_sizes(None, max_tokens), max_tokens
+
+
 # ---- plugin, backend, model ----
 
 def test_plugin_backend_and_page_size_added():
