@@ -51,6 +51,10 @@ SHAPES = {"tiny": (2, 2, 8, torch.float32, POOL_TOKENS),       # layers, KV head
           "llama8b": (32, 8, 128, torch.bfloat16, 160_000)}      # ~the GPU server's pool
 
 
+class FINISH_LENGTH:           # noqa: N801 (SGLang's finish-reason names): a final finish
+    pass
+
+
 class Server:
     """The parts of a scheduler the runtime talks to: pools, a request slot, a served call."""
 
@@ -82,7 +86,7 @@ class Server:
         req = types.SimpleNamespace(
             rid=f"r{self.count}", origin_input_ids=list(ids), extra_key=namespace,
             sampling_params=types.SimpleNamespace(custom_params=hints), req_pool_idx=0,
-            output_ids=out, finished_reason=None, return_logprob=False)
+            output_ids=out, finished_reason=FINISH_LENGTH(), return_logprob=False)
         total = len(ids) + new_tokens
         slots = self.allocator.alloc(total)
         for buf in self.pool.k_buffer + self.pool.v_buffer:

@@ -39,6 +39,12 @@ class KVCommConfig:
     store_budget_fraction: float = 0.5  # share of a server's KV pool the segment store may hold
     match_cache_bytes: int = 1 << 30   # distances and weights cached on contents, outside the
                                        # KV pool; per server (all namespaces), LRU over contents
+    namespace_quota_fraction: float = 0.5  # share of the store one namespace may hold: over
+                                       # it, it evicts its own state only (docs/isolation.md)
+    max_namespaces: int = 1024         # live namespaces; a new one replaces only an idle one
+    namespace_idle_s: float = 300.0    # a namespace unused this long may be replaced
+    debug_invariants: bool = False     # check ownership, exactness and budgets after every
+                                       # batch; violations count in /metrics (tests turn it on)
     min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
     recompute_last_piece: bool = False  # True: recompute the whole last template piece (the
@@ -68,6 +74,11 @@ class KVCommConfig:
                  f"match_cache_bytes must be > 0, got {self.match_cache_bytes}")
         _require(0.0 < self.store_budget_fraction <= 1.0,
                  f"store_budget_fraction must be in (0, 1], got {self.store_budget_fraction}")
+        _require(0.0 < self.namespace_quota_fraction <= 1.0,
+                 f"namespace_quota_fraction must be in (0, 1], got {self.namespace_quota_fraction}")
+        _require(self.max_namespaces >= 1, f"max_namespaces must be >= 1, got {self.max_namespaces}")
+        _require(self.namespace_idle_s >= 0,
+                 f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
         _require(self.min_segment_tokens >= 1,
                  f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
         _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")

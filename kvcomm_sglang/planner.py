@@ -474,6 +474,13 @@ class KVCommState:
         base_k = source.keys_at(dst, self.rope)
         return self.make_kv(rk - base_k, rv - base_v, dst), self.make_kv(base_k, base_v, dst)
 
+    def forget_consumer(self, agent: str) -> None:
+        """``agent``'s template changed: the deviations learned under the old one no longer
+        describe its prompts; its anchors learn again from its next dense prefills."""
+        for pool in self.anchors.pools.values():
+            for anchor in pool.anchors.values():
+                anchor.deviations.pop(agent, None)
+
     def release_caches(self) -> None:
         """Give every content's distances and weights back to the shared budget (the namespace
         is going away)."""

@@ -6,8 +6,19 @@ prefix up to, not including, the last prompt token, or the last template piece w
 ``init_load_back`` allocates slots, materializes the corrected KV into them and inserts a node
 tagged ``kvcomm_approx`` under the request's own path; ``cache_finished_req`` captures templates,
 messages and anchors before SGLang frees the request's slots. Requests without KVCOMM hints are
-served exactly as by ``RadixCache``; KVCOMM requests that will compute densely never match
-approximate nodes.
+served exactly as by ``RadixCache``.
+
+Exactness (DESIGN §4): only a request planned for reuse ("opted in") may read approximate KV.
+* The mark belongs to the KV: every node holding approximate slots carries ``kvcomm_approx``.
+  ``init_load_back`` is the only place that writes approximate KV and sets it; ``_split_node``,
+  the only tree operation that moves slots into a new node, copies it; ``insert`` adds only the
+  inserting request's own KV, which is beneath its approximate node when it has one.
+* Reads: any other request's match is cut before the first marked node on its path
+  (``_exact_only``), and that request is kept out of the tree.
+* Writes: such a request never inserts into a path that holds a marked node (SGLang's insert
+  would keep the approximate copy and, for a chunked prefill, rewrite the request's own row
+  with it).
+``kvcomm_sglang.runtime_patch.invariants`` checks both after every batch in debug mode.
 """
 
 from __future__ import annotations
@@ -15,9 +26,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from kvcomm_sglang.runtime_patch import invariants
 from kvcomm_sglang.runtime_patch.report import set_report, update_report
 
 logger = logging.getLogger(__name__)
@@ -25,9 +37,11 @@ logger = logging.getLogger(__name__)
 
 class KVCommRadixCache(RadixCache):
     def __init__(self, params, runtime_factory):
-        self.runtime = None
+        self.runtime = self.checker = None
         super().__init__(params)
         self.runtime = runtime_factory(self)
+        if self.runtime.config.debug_invariants:
+            self.checker = invariants.InvariantChecker(self)
 
     # ---- matching ----
     def match_prefix(self, params):
@@ -53,10 +67,7 @@ class KVCommRadixCache(RadixCache):
         """Cut the match before the first approximate node on its path. The request then
         computes those tokens itself; it is kept out of the tree (``skip_radix_cache_insert``)
         so that insertion never swaps its exact KV for the approximate copy mid-decode."""
-        path, node = [], base.last_device_node
-        while node is not None and node is not self.root_node:
-            path.append(node)
-            node = node.parent
+        path = self.path_to(base.last_device_node)
         approx = [i for i, n in enumerate(path) if getattr(n, "kvcomm_approx", False)]
         if not approx:
             return base
@@ -66,6 +77,38 @@ class KVCommRadixCache(RadixCache):
         req.skip_radix_cache_insert = True
         return base._replace(device_indices=base.device_indices[:keep], last_device_node=parent,
                              last_host_node=parent, best_match_node=parent)
+
+    def path_to(self, node) -> list:
+        """The nodes from ``node`` up to (not including) the root."""
+        path = []
+        while node is not None and node is not self.root_node:
+            path.append(node)
+            node = node.parent
+        return path
+
+    def _split_node(self, key, child, split_len: int):
+        new_node = super()._split_node(key, child, split_len)
+        if getattr(child, "kvcomm_approx", False):
+            new_node.kvcomm_approx = True           # it holds the first slots of child's KV
+        return new_node
+
+    def is_opted_in(self, req) -> bool:
+        """May ``req`` read and write approximate KV (it was planned for reuse)?"""
+        if self.runtime is None or req is None:
+            return False
+        decision = self.runtime.decisions.get(req.rid)
+        return decision is not None and decision.kind == "reuse"
+
+    def touches_approx(self, req, tokens) -> bool:
+        """Would inserting ``tokens`` for ``req`` walk into approximate KV it may not see?"""
+        extra = getattr(req, "extra_key", None)
+        if not (isinstance(extra, str) and self.runtime is not None
+                and extra.startswith(self.runtime.config.namespace_prefix)):
+            return False                            # approximate nodes live in KVCOMM namespaces
+        if self.is_opted_in(req):
+            return False
+        node = super().match_prefix(MatchPrefixParams(key=RadixKey(tokens, extra))).last_device_node
+        return any(getattr(n, "kvcomm_approx", False) for n in self.path_to(node))
 
     # ---- load-back: materialize the reused tail ----
     def init_load_back(self, params):
@@ -96,6 +139,8 @@ class KVCommRadixCache(RadixCache):
         new.key = RadixKey(req.origin_input_ids[d:d + n], req.extra_key)
         new.value = slots.clone()
         new.kvcomm_approx = True
+        if self.checker is not None:
+            self.checker.approx_written(slots)
         node.children[new.key.child_key(self.page_size)] = new
         self.evictable_size_ += n
         self._update_leaf_status(node)
@@ -114,14 +159,33 @@ class KVCommRadixCache(RadixCache):
         return empty, node
 
     # ---- lifecycle ----
+    def cache_unfinished_req(self, req, chunked=False):
+        if self.touches_approx(req, req.get_fill_ids()):
+            req.skip_radix_cache_insert = True      # keeps its own exact KV, out of the tree
+            return
+        super().cache_unfinished_req(req, chunked)
+
     def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int):
+        if is_insert and self.touches_approx(
+                req, (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]):
+            is_insert = False
         if self.runtime is not None:
             try:
                 self.runtime.on_finish(req, kv_len_to_handle)
             except Exception:                                # never break SGLang's bookkeeping
                 logger.exception("kvcomm: capture failed for %s", req.rid)
                 self.runtime.count_fallback("capture_error")
+                self.runtime.forget(req.rid)
         super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+
+    def after_batch(self, live_reqs) -> None:
+        """The scheduler hook, once per loop iteration: decisions of requests the scheduler no
+        longer holds end here; in debug mode the invariants are checked."""
+        if self.runtime is None:
+            return
+        self.runtime.retain({req.rid for req in live_reqs})
+        if self.checker is not None and (live_reqs or not self.checker.idle_checked):
+            self.checker.check(live_reqs)
 
     def evict(self, params):
         result = super().evict(params)

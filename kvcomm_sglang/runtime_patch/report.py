@@ -11,6 +11,7 @@ flattening) and their sum ``reuse_path_ms``.
 from __future__ import annotations
 
 REPORT_KEY = "kvcomm"
+MAX_AGENT_LABELS = 64         # distinct agent label values; later agents count as "other"
 
 
 class FirstTokenReport(list):
@@ -43,13 +44,24 @@ def update_report(req, **fields) -> None:
 
 
 class Metrics:
-    """Prometheus counters (created only when SGLang metrics are enabled)."""
+    """Prometheus counters (created only when SGLang metrics are enabled). Label sets are
+    bounded: agent ids past the first ``MAX_AGENT_LABELS`` share the label "other", fallback
+    reasons keep only their kind (the part before ":")."""
 
-    def __init__(self, labels: dict):
-        from prometheus_client import Counter, Gauge
+    def __init__(self, labels: dict, registry=None):
+        import functools
+
+        import prometheus_client
+
+        from kvcomm_sglang.runtime_patch.invariants import CHECKS
+
+        kwargs = {} if registry is None else {"registry": registry}
+        Counter = functools.partial(prometheus_client.Counter, **kwargs)  # noqa: N806
+        Gauge = functools.partial(prometheus_client.Gauge, **kwargs)      # noqa: N806
 
         names = list(labels)
         self.labels = labels
+        self.agents: set[str] = set()
         self.calls = Counter("kvcomm_agent_calls_total", "KVCOMM consumer calls by mode",
                              names + ["agent", "mode"])
         self.tokens = Counter("kvcomm_reused_tokens_total", "Prompt tokens served by reuse", names)
@@ -58,10 +70,30 @@ class Metrics:
         self.fallbacks = Counter("kvcomm_fallbacks_total", "Dense fallbacks by reason",
                                  names + ["reason"])
         self.store_bytes = Gauge("kvcomm_store_bytes", "Bytes held by the segment store", names)
+        self.budget_bytes = Gauge("kvcomm_store_budget_bytes", "The segment store's byte budget",
+                                  names)
         self.anchors = Gauge("kvcomm_anchors", "Anchors held", names)
+        self.checks = Counter("kvcomm_invariant_checks_total",
+                              "Invariant checks run (debug_invariants)", names)
+        self.violations = Counter("kvcomm_invariant_violations_total",
+                                  "Invariant violations found, by check", names + ["check"])
+        self.leaked = Gauge("kvcomm_leaked_slots", "Store slots no namespace reaches (last "
+                            "check)", names)
+        self.lost = Gauge("kvcomm_lost_anchors", "Anchors whose blocks were freed (last check)",
+                          names)
+        for check in CHECKS:                          # every series exists from the start
+            self.violations.labels(**labels, check=check)
+        for gauge in (self.store_bytes, self.anchors, self.leaked, self.lost):
+            gauge.labels(**labels).set(0)
+
+    def agent_label(self, agent: str) -> str:
+        if agent not in self.agents and len(self.agents) >= MAX_AGENT_LABELS:
+            return "other"
+        self.agents.add(agent)
+        return agent
 
     def call(self, agent: str, mode: str, prompt_tokens: int, reused: int) -> None:
-        self.calls.labels(**self.labels, agent=agent, mode=mode).inc()
+        self.calls.labels(**self.labels, agent=self.agent_label(agent), mode=mode).inc()
         self.prompt_tokens.labels(**self.labels).inc(prompt_tokens)
         self.tokens.labels(**self.labels).inc(reused)
 
@@ -71,3 +103,13 @@ class Metrics:
     def sizes(self, store_bytes: int, anchors: int) -> None:
         self.store_bytes.labels(**self.labels).set(store_bytes)
         self.anchors.labels(**self.labels).set(anchors)
+
+    def budget(self, budget_bytes: int) -> None:
+        self.budget_bytes.labels(**self.labels).set(budget_bytes)
+
+    def invariants(self, violated: list[str], leaked_slots: int, lost_anchors: int) -> None:
+        self.checks.labels(**self.labels).inc()
+        for check in violated:
+            self.violations.labels(**self.labels, check=check).inc()
+        self.leaked.labels(**self.labels).set(leaked_slots)
+        self.lost.labels(**self.labels).set(lost_anchors)

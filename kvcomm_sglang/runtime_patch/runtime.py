@@ -14,7 +14,6 @@ import logging
 import os
 import time
 import types
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -27,83 +26,63 @@ from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kernels import materialize
 from kvcomm_sglang.kernels.plan import from_reuse_plan
 from kvcomm_sglang.metrics import ReuseStats
-from kvcomm_sglang.planner import (Fallback, KVCommState, MatchCache, PiecePlan, ReusePlan,
-                                   reference_match)
+from kvcomm_sglang.planner import Fallback, MatchCache, PiecePlan, ReusePlan, reference_match
 from kvcomm_sglang.rope import RopeSpec
+from kvcomm_sglang.runtime_patch.capture import capture
+from kvcomm_sglang.runtime_patch.namespaces import Namespace, NamespaceTable
 from kvcomm_sglang.runtime_patch.segment_store import PoolKV, SegmentStore, StoreFull
 
 logger = logging.getLogger(__name__)
-MAX_NAMESPACES = 1024
 
 
 @dataclass
 class Decision:
     kind: str                        # "reuse" | "dense" | "produce" (base/template: no consumer)
     reason: str | None = None        # why not reuse
-    plan: ReusePlan | None = None
-    keys: dict = field(default_factory=dict)      # placeholder -> content key
+    plan: ReusePlan | None = None    # reuse: until materialized (it pins the blocks it reads)
+    keys: dict = field(default_factory=dict)      # placeholder -> content key (pinned)
     learn: list = field(default_factory=list)
     version: int = -1
+    ns: object = None                # the Namespace decided in (None: namespace_limit)
+    agent: str | None = None         # the consuming agent (its template is pinned)
     reused: int = 0                  # tokens materialized at load-back
     recompute: int = 1               # prompt tokens the model computes at the end (reuse)
     plan_ms: float = 0.0             # the reuse path's time: prompt checks and the plan
     materialize_ms: float = 0.0      # plan flattening, checks and the kernel
     flatten_ms: float = 0.0          # of which plan flattening (host work, no GPU wait)
 
-
-class Namespace:
-    def __init__(self, name: str, runtime: "KVCommRuntime"):
-        self.name, self.runtime = name, runtime
-        self.state = KVCommState(runtime.config, runtime.rope, name, make_kv=runtime.store.make,
-                                 on_evict=self._anchor_evicted, matcher=runtime.matcher,
-                                 cache=runtime.match_cache)
-        self.messages: OrderedDict[str, str] = OrderedDict()     # message id -> content key
-        self.version = 0
-
-    def bind(self, message: str, key: str) -> None:
-        old = self.messages.pop(message, None)
-        self.messages[message] = key
-        if old is not None and old != key and old not in self.messages.values():
-            self.drop_content(old)
-        self.version += 1
-
-    def drop_content(self, key: str) -> None:
-        content = self.state.drop_content(key)
-        if content is not None and not self._is_embedding(content.kv):
-            self.runtime.store.free(content.kv)
-        self.version += 1
-
-    def _anchor_evicted(self, anchor) -> None:
-        for deviation in anchor.deviations.values():
-            self.runtime.store.free(deviation.content)
-            self.runtime.store.free(deviation.template)
-        live = {id(c.kv) for c in self.state.contents.values()}
-        if id(anchor.emb) not in live and not self._is_embedding(anchor.emb, skip=anchor):
-            self.runtime.store.free(anchor.emb)
-        self.version += 1
-
-    def _is_embedding(self, block, skip=None) -> bool:
-        return any(a.emb is block for pool in self.state.anchors.pools.values()
-                   for a in pool.anchors.values() if a is not skip)
-
-    def blocks(self):
-        for template in self.state.templates.values():
-            yield from template.pieces
-        for content in self.state.contents.values():
-            yield content.kv
+    def pinned_blocks(self) -> set[int]:
+        """Ids of the store blocks the plan reads (they must outlive eviction until then)."""
+        if self.plan is None:
+            return set()
+        ids = set()
+        for piece in self.plan.pieces:
+            ids.add(id(piece.source))
+            for anchor in piece.anchors:
+                deviation = anchor.deviations.get(self.plan.consumer)
+                if deviation is not None:
+                    ids.update((id(deviation.content), id(deviation.template)))
+        return ids
 
 
 class KVCommRuntime:
+    """Decisions live as long as their request: ``on_finish`` ends them at a final finish,
+    ``retain`` (the scheduler hook, after every batch) drops those of requests the scheduler no
+    longer holds (aborted while queued, retracted). Any exception or out-of-memory while
+    planning becomes a dense decision with the reason ``plan_error:<type>``."""
+
     def __init__(self, config: KVCommConfig, rope: RopeSpec, pool, allocator, pool_tokens: int,
                  req_to_token, make_room=None, backend: str = "auto", metrics=None,
                  derive_anchor_budget: bool = True):
         self.pool, self.backend, self.req_to_token = pool, backend, req_to_token
-        self.store = SegmentStore(pool, allocator, int(config.store_budget_fraction * pool_tokens),
-                                  make_room, make_budget=self._evict_for_budget)
-        if derive_anchor_budget:        # anchors of a namespace: a share of the store, in bytes
-            budget = int(config.store_anchor_fraction * self.store.max_tokens
-                         * self.store.bytes_per_token)
-            config = dataclasses.replace(config, anchor_budget_bytes=max(budget, 1))
+        budget = int(config.store_budget_fraction * pool_tokens)
+        self.store = SegmentStore(pool, allocator, budget, make_room,
+                                  make_budget=self._make_store_room,
+                                  quota_tokens=int(config.namespace_quota_fraction * budget))
+        if derive_anchor_budget:        # anchors of a namespace: a share of its quota, in bytes
+            anchors = int(config.store_anchor_fraction * self.store.quota_tokens
+                          * self.store.bytes_per_token)
+            config = dataclasses.replace(config, anchor_budget_bytes=max(anchors, 1))
         self.config, self.rope = config, rope
         k0 = pool.k_buffer[0]
         self.num_layers, self.num_heads, self.head_dim = len(pool.k_buffer), k0.shape[1], k0.shape[2]
@@ -112,10 +91,12 @@ class KVCommRuntime:
         self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") else None
         self.profile = k0.is_cuda and os.environ.get("KVCOMM_PROFILE") == "1"
         self.match_cache = MatchCache(config.match_cache_bytes)     # one budget, all namespaces
-        self.namespaces: OrderedDict[str, Namespace] = OrderedDict()
+        self.namespaces = NamespaceTable(self)
         self.decisions: dict[str, Decision] = {}
         self.stats = ReuseStats()
         self.metrics = metrics
+        if metrics is not None:
+            metrics.budget(self.store.max_tokens * self.store.bytes_per_token)
 
     # ---- decisions (side-effect free apart from caching) ----
     def hints_of(self, req) -> protocol.Hints | None:
@@ -127,35 +108,44 @@ class KVCommRuntime:
             return cached[1]
         try:
             hints = protocol.decode(custom)
-        except ValueError:      # refused at the HTTP edge; never trust it here
+        except (ValueError, RecursionError):     # refused at the HTTP edge; never trust it here
             hints = None
         req._kvcomm_hints = (custom, hints)
         return hints
 
     def namespace(self, name: str) -> Namespace:
-        if name not in self.namespaces:
-            while len(self.namespaces) >= MAX_NAMESPACES:
-                self.drop_namespace(next(iter(self.namespaces)))
-            self.namespaces[name] = Namespace(name, self)
-        self.namespaces.move_to_end(name)
-        return self.namespaces[name]
+        ns = self.namespaces.get(name)
+        if ns is None:
+            raise ValueError(f"namespace limit: {len(self.namespaces)} active namespaces")
+        return ns
 
     def decide(self, req) -> Decision | None:
         hints = self.hints_of(req)
         extra = getattr(req, "extra_key", None)
         if hints is None or not (isinstance(extra, str) and extra.startswith(self.config.namespace_prefix)):
             return None
-        ns = self.namespace(extra)
         cached = self.decisions.get(req.rid)
-        if cached is not None and cached.version == ns.version:
+        if cached is not None and cached.ns is not None and cached.ns is self.namespaces.get(
+                extra, create=False) and cached.version == cached.ns.version:
             return cached
         start = self._clock()
+        ns = self.namespaces.get(extra)
         with _annotate("kvcomm.plan"):
-            decision = self._decide(req, hints, ns)
+            decision = self._decide_safely(req, hints, ns)
         decision.plan_ms = (self._clock() - start) * 1e3
-        decision.version = ns.version
+        decision.ns, decision.agent = ns, hints.agent
+        decision.version = ns.version if ns is not None else -1
         self.decisions[req.rid] = decision
         return decision
+
+    def _decide_safely(self, req, hints, ns) -> Decision:
+        if ns is None:
+            return Decision("dense", "namespace_limit")
+        try:
+            return self._decide(req, hints, ns)
+        except Exception as exc:          # torch.OutOfMemoryError included: compute densely
+            logger.exception("kvcomm: planning failed for %s", req.rid)
+            return Decision("dense", f"plan_error:{type(exc).__name__}")
 
     def _decide(self, req, hints, ns: Namespace) -> Decision:
         if not hints.consumes:
@@ -203,14 +193,14 @@ class KVCommRuntime:
         with _annotate("kvcomm.materialize"):
             self._materialize(req, decision, d, dst)
         decision.materialize_ms = (self._clock() - start) * 1e3
+        decision.plan = None             # written: its blocks are no longer pinned
 
     def _materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
         plan = decision.plan
         layout, n = plan.layout, plan.layout.total_length
         pieces = list(plan.pieces)
         if d < layout.prefix_length:       # x0 not cached yet: its template KV is exact
-            ns = self.namespaces[req.extra_key]
-            x0 = ns.state.templates[plan.consumer].pieces[0]
+            x0 = decision.ns.state.templates[plan.consumer].pieces[0]
             pieces.insert(0, PiecePlan("template", None, x0, 0))
         start = time.perf_counter()
         with _annotate("kvcomm.flatten"):
@@ -229,107 +219,88 @@ class KVCommRuntime:
             size = max(n, 2 * self.cos_sin.shape[0])
             self.cos_sin = self.rope.cos_sin_table(size, device=self.cos_sin.device)
 
-    # ---- learning when a request finishes ----
+    # ---- the end of a request ----
     def on_finish(self, req, kv_len: int) -> None:
-        try:
-            with _annotate("kvcomm.capture"):
-                self._on_finish(req, kv_len)
-        finally:        # the decision protected its messages from store eviction until now
-            self.decisions.pop(req.rid, None)
-
-    def _on_finish(self, req, kv_len: int) -> None:
+        """SGLang releases the request's KV: capture at a final finish, nothing otherwise (an
+        aborted request, or a retracted one, which is planned again when re-admitted)."""
         decision = self.decisions.get(req.rid)
-        hints = self.hints_of(req)
-        if hints is None or decision is None or _aborted(req):
+        if decision is None:
             return
-        ns = self.namespace(req.extra_key)
-        ids, n = list(req.origin_input_ids), len(req.origin_input_ids)
+        try:
+            if not _finished(req):
+                self.count_fallback("retracted")
+            elif _aborted(req):
+                self.count_fallback("aborted")
+            else:
+                self._finish(req, decision, kv_len)
+        finally:        # the decision pinned its messages and blocks until now
+            self.decisions.pop(req.rid, None)
+            if decision.ns is not None:
+                self.sweep(decision.ns)
+
+    def _finish(self, req, decision: Decision, kv_len: int) -> None:
         if decision.kind in ("reuse", "dense"):
             self.record_call(req, decision, decision.reused)
+        ns = decision.ns
+        if ns is None or ns.name not in self.namespaces:
+            return
         try:
-            if hints.template or hints.base or decision.learn:
-                k, v = self._gather(req, 0, n)
-                if hints.template:
-                    self._register_template(ns, hints, ids, k, v)
-                if hints.base:
-                    message, placeholder, drop = hints.base
-                    content = ns.state.register_content(placeholder, ids[drop:], k[:, drop:],
-                                                        v[:, drop:], torch.arange(drop, n))
-                    ns.bind(message, content.key)
-                if decision.learn and all(key in ns.state.contents for key in decision.keys.values()):
-                    ns.state.record(hints.agent, decision.keys, decision.learn, k, v)
-                    ns.version += 1
-            if hints.capture:
-                self._capture_output(ns, hints, req, n, kv_len)
+            with _annotate("kvcomm.capture"), self.store.building(ns.name):
+                capture(self, ns, self.hints_of(req), decision, req, kv_len)
         except StoreFull as exc:
             self.count_fallback("store_full")
             logger.info("kvcomm: capture skipped for %s: %s", req.rid, exc)
 
-    def _register_template(self, ns, hints, ids, k, v) -> None:
-        spans, piece_ids, names, pos = [], [], [], 0
-        for piece in hints.layout:
-            if piece.kind == "template":
-                spans.append((pos, pos + piece.length))
-                piece_ids.append(ids[pos:pos + piece.length])
-            else:
-                names.append(piece.placeholder)
-            pos += piece.length
-        old = ns.state.templates.get(hints.agent)
-        ns.state.register_template(hints.agent, piece_ids, names, k, v, spans)
-        if old is not None:
-            for block in old.pieces:
-                self.store.free(block)
-        ns.version += 1
+    def retain(self, live_rids) -> int:
+        """Drop the decisions of requests the scheduler no longer holds; -> how many."""
+        gone = [rid for rid in self.decisions if rid not in live_rids]
+        for rid in gone:
+            decision = self.decisions.pop(rid)
+            if decision.ns is not None:
+                self.sweep(decision.ns)
+        return len(gone)
 
-    def _capture_output(self, ns, hints, req, n: int, kv_len: int) -> None:
-        out = list(req.output_ids)
-        if len(out) < 2 or kv_len < n + len(out) - 1:
-            self.count_fallback("capture_too_short")
-            return
-        k, v = self._gather(req, n, n + len(out) - 1)
-        message, placeholder = hints.capture
-        content = ns.state.register_response(placeholder, out, k, v, n)
-        ns.bind(message, content.key)
+    def forget(self, rid: str) -> None:
+        decision = self.decisions.pop(rid, None)
+        if decision is not None and decision.ns is not None:
+            self.sweep(decision.ns)
 
-    def _gather(self, req, start: int, end: int):
+    def gather(self, req, start: int, end: int):
         slots = self.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
         return (self.store.gather(self.pool.k_buffer, slots).float(),
                 self.store.gather(self.pool.v_buffer, slots).float())
 
-    # ---- memory ----
-    def evict_store(self, num_tokens: int, keep_namespaces: bool = False) -> int:
-        """Free at least ``num_tokens`` store slots: oldest namespaces' messages first (least
-        recently bound first, never one a queued request was planned with), then their
-        anchors, then whole namespaces (unless ``keep_namespaces``)."""
-        start = self.store.tokens
-        in_use = {key for d in self.decisions.values() for key in d.keys.values()}
-        for name in list(self.namespaces):
-            ns = self.namespaces[name]
-            for message in list(ns.messages):
-                if start - self.store.tokens >= num_tokens:
-                    return start - self.store.tokens
-                if ns.messages[message] not in in_use:
-                    ns.drop_content(ns.messages.pop(message))
-            while ns.state.anchors.num_anchors and start - self.store.tokens < num_tokens:
-                pool = max(ns.state.anchors.pools.values(), key=len)
-                pool.evict_one()
-            if start - self.store.tokens < num_tokens and not keep_namespaces:
-                self.drop_namespace(name)
-        return start - self.store.tokens
+    # ---- ownership and memory ----
+    def pinned_state(self, ns: Namespace) -> tuple[set[str], set[str]]:
+        """Content keys and agents that live requests of ``ns`` were decided with."""
+        live = [d for d in self.decisions.values() if d.ns is ns]
+        return ({k for d in live for k in d.keys.values()}, {d.agent for d in live})
 
-    def _evict_for_budget(self, num_tokens: int) -> int:
-        """The store is over its budget: make room inside it (namespaces stay)."""
-        return self.evict_store(num_tokens, keep_namespaces=True)
+    def pinned_namespaces(self) -> set[str]:
+        return {d.ns.name for d in self.decisions.values() if d.ns is not None}
+
+    def sweep(self, ns: Namespace, keep_state: bool = True) -> int:
+        """Free ``ns``'s store blocks that neither its state (unless ``keep_state`` is False:
+        it is being dropped) nor a live decision reaches; -> tokens freed."""
+        keep = ns.reachable() if keep_state else set()
+        for decision in self.decisions.values():
+            if decision.ns is ns:
+                keep |= decision.pinned_blocks()
+                keep |= {id(ns.state.contents[k].kv) for k in decision.keys.values()
+                         if k in ns.state.contents}
+        return self.store.sweep(ns.name, keep)
+
+    def _make_store_room(self, owner: str, tokens: int) -> None:
+        self.namespaces.make_store_room(owner, tokens)
+
+    def evict_store(self, num_tokens: int) -> int:
+        """SGLang's pool needs room: free store slots, largest namespaces first."""
+        return self.namespaces.evict_largest_first(num_tokens)
 
     def drop_namespace(self, name: str) -> None:
-        ns = self.namespaces.pop(name)
-        ns.state.release_caches()
-        for pool in ns.state.anchors.pools.values():
-            while len(pool):
-                pool.evict_one()
-        for block in list(ns.blocks()):
-            self.store.free(block)
+        self.namespaces.drop(name)
 
+    # ---- accounting ----
     def record_call(self, req, decision: Decision, reused: int) -> None:
         """Account one consumer call (reuse from init_load_back, dense at finish)."""
         hints = self.hints_of(req)
@@ -348,14 +319,12 @@ class KVCommRuntime:
         decision = self.decisions.get(req.rid)
         if decision is not None:
             decision.kind, decision.reason, decision.reused = "dense", reason, 0
+            decision.plan, decision.learn = None, []
 
     def count_fallback(self, reason: str) -> None:
         self.stats.fallbacks[reason] += 1
         if self.metrics is not None:
             self.metrics.fallback(reason)
-
-    def forget(self, rid: str) -> None:
-        self.decisions.pop(rid, None)
 
 
 def _annotate(name: str):
@@ -389,6 +358,12 @@ def _slots_of(source) -> np.ndarray:
     if not isinstance(source, PoolKV):
         raise TypeError(f"stored block {type(source).__name__} does not live in the pool")
     return source.slots_np
+
+
+def _finished(req) -> bool:
+    """A final finish (SGLang also releases a retracted request's KV, unfinished)."""
+    finished = getattr(req, "finished", None)
+    return finished() if callable(finished) else getattr(req, "finished_reason", None) is not None
 
 
 def _aborted(req) -> bool:

@@ -38,9 +38,10 @@ VANILLA = "vanilla"  # backend name meaning: no plugin, SGLang's default tree ca
 HEALTH_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 60
-SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1", "KVCOMM_DEBUG_INVARIANTS": "1"}
 LEAK_MARKERS = ("memory leak detected", "mem leak detected", "kv double free",
-                "kv page use-after-free")  # invariant_checker.py messages, lower-cased
+                "kv page use-after-free",  # invariant_checker.py messages, lower-cased
+                "kvcomm invariant")  # kvcomm_sglang.runtime_patch.invariants
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from kvcomm_sglang.runtime_patch.radix_cache import KVCommRadixCache
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.rope import RopeSpec
-from kvcomm_sglang.runtime_patch.runtime import KVCommRuntime
+from kvcomm_sglang.runtime_patch.runtime import Decision, KVCommRuntime
 from kvcomm_sglang.runtime_patch.segment_store import StoreFull
 
 
@@ -27,7 +27,7 @@ def cache():
                                        need_sort=False)
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, 32, "cpu", False),
                              token_to_kv_pool_allocator=allocator, page_size=1)
-    config = KVCommConfig(store_budget_fraction=0.25)               # 16 of 64 slots
+    config = KVCommConfig(store_budget_fraction=0.25, namespace_quota_fraction=1.0)  # 16 of 64
     return KVCommRadixCache(params, lambda c: KVCommRuntime(
         config, RopeSpec.build(8, 10000.0), pool, allocator, 64,
         c.req_to_token_pool.req_to_token, make_room=c.make_room))
@@ -90,7 +90,8 @@ def test_store_budget_evicts_old_messages_and_anchor_budget_follows_the_store(ca
     anchors' byte budget is a share of the store's."""
     runtime = cache.runtime
     store = runtime.store
-    assert runtime.config.anchor_budget_bytes == int(0.75 * 16 * store.bytes_per_token)
+    assert runtime.config.anchor_budget_bytes == int(0.75 * store.quota_tokens
+                                                      * store.bytes_per_token)
     ns = runtime.namespace("kvcomm:x")
 
     def capture(message, n, token):
@@ -100,7 +101,7 @@ def test_store_budget_evicts_old_messages_and_anchor_budget_follows_the_store(ca
         return content.key
 
     first = capture("m0", 6, 1)
-    runtime.decisions["queued"] = types.SimpleNamespace(keys={"user_question": first})
+    runtime.decisions["queued"] = Decision("dense", keys={"user_question": first}, ns=ns)
     second = capture("m1", 6, 2)
     third = capture("m2", 6, 3)                       # 18 > 16: m1 goes, m0 is in use
     assert list(ns.messages) == ["m0", "m2"] and store.tokens == 12
