@@ -7,7 +7,6 @@ real - base of the content and of the consumer's template piece right after it.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -131,43 +130,3 @@ class AnchorRegistry:
             pool = max(self.pools.values(), key=len)
             evicted.append((pool.placeholder, pool.evict_one()))
         return evicted
-
-    def transaction(self) -> "Transaction":
-        return Transaction(self)
-
-
-class Transaction:
-    """Request-scoped view (spec §6.4). 'bucket' isolation is the official overlay: the first
-    touch of a placeholder copies its pool, and commit replaces the global pool (last committer
-    wins). 'merge' records the operations and replays them on the global pools at commit."""
-
-    def __init__(self, registry: AnchorRegistry):
-        self.registry = registry
-        self.local: dict[str, AnchorPool] = {}
-        self.ops: list[tuple] = []
-
-    def pool(self, placeholder: str) -> AnchorPool:
-        if self.registry.config.request_isolation == "merge":
-            return self.registry.pool(placeholder)
-        if placeholder not in self.local:
-            shared = self.registry.pool(placeholder)
-            view = AnchorPool(placeholder, shared.config)
-            view.anchors = OrderedDict((k, copy.copy(a)) for k, a in shared.anchors.items())
-            for a in view.anchors.values():
-                a.deviations = dict(a.deviations)
-            self.local[placeholder] = view
-        return self.local[placeholder]
-
-    def add(self, placeholder: str, *args) -> None:
-        if self.registry.config.request_isolation == "merge":
-            self.ops.append((placeholder, args))
-        else:
-            self.pool(placeholder).add(*args)
-
-    def commit(self) -> None:
-        for placeholder, args in self.ops:
-            self.registry.pool(placeholder).add(*args)
-        for placeholder, view in self.local.items():
-            self.registry.pools[placeholder] = view
-        self.ops, self.local = [], {}
-        self.registry.enforce_budget()

@@ -31,7 +31,6 @@ class KVCommConfig:
     top_p_credit: str = "nucleus"      # official: "official" (crossing element excluded)
     strict_pool_size: bool = True      # official: False (pool holds V + 1 anchors)
     evict_on_delta_update: bool = False  # official: True (eviction check on every set_anchor)
-    request_isolation: str = "merge"   # official: "bucket" (last committer wins per placeholder)
     # ---- production bounds (no official counterpart: the official pool is unbounded) ----
     anchor_budget_bytes: int = 1 << 30  # per namespace; a server derives it from its store
     store_anchor_fraction: float = 0.75  # server: anchors of a namespace may hold this share
@@ -45,7 +44,6 @@ class KVCommConfig:
     namespace_idle_s: float = 300.0    # a namespace unused this long may be replaced
     debug_invariants: bool = False     # check ownership, exactness and budgets after every
                                        # batch; violations count in /metrics (tests turn it on)
-    min_segment_tokens: int = 1
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
     recompute_last_piece: bool = False  # True: recompute the whole last template piece (the
                                         # generation prompt, ~15 tokens) rather than 1 token
@@ -64,8 +62,6 @@ class KVCommConfig:
                  f"distance_dtype must be one of {DISTANCE_DTYPES}, got {self.distance_dtype!r}")
         _require(self.top_p_credit in TOP_P_CREDIT_MODES,
                  f"top_p_credit must be one of {TOP_P_CREDIT_MODES}, got {self.top_p_credit!r}")
-        _require(self.request_isolation in ("merge", "bucket"),
-                 f"request_isolation must be 'merge' or 'bucket', got {self.request_isolation!r}")
         _require(0.0 < self.store_anchor_fraction <= 1.0,
                  f"store_anchor_fraction must be in (0, 1], got {self.store_anchor_fraction}")
         _require(self.anchor_budget_bytes > 0,
@@ -79,16 +75,13 @@ class KVCommConfig:
         _require(self.max_namespaces >= 1, f"max_namespaces must be >= 1, got {self.max_namespaces}")
         _require(self.namespace_idle_s >= 0,
                  f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
-        _require(self.min_segment_tokens >= 1,
-                 f"min_segment_tokens must be >= 1, got {self.min_segment_tokens}")
         _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")
 
     @classmethod
     def faithful(cls, **overrides) -> "KVCommConfig":
         """The official code's behaviour, quirks included (for A/B parity runs)."""
         values = dict(derotated_storage=False, distance_dtype="cache", top_p_credit="official",
-                      strict_pool_size=False, evict_on_delta_update=True,
-                      request_isolation="bucket")
+                      strict_pool_size=False, evict_on_delta_update=True)
         values.update(overrides)
         return cls(**values)
 

@@ -59,18 +59,6 @@ def test_compatible_filters_length_and_consumer():
     assert pool.compatible(3, "b") == []
 
 
-def test_t12_request_overlay_semantics():
-    for isolation, expected in (("bucket", {"r2"}), ("merge", {"r1", "r2"})):
-        registry = AnchorRegistry(KVCommConfig(request_isolation=isolation))
-        t1, t2 = registry.transaction(), registry.transaction()
-        for t, key in ((t1, "r1"), (t2, "r2")):
-            t.pool("user_question")                  # first touch (overlay copy in bucket mode)
-            t.add("user_question", key, block(3), "a", dev())
-        t1.commit()
-        t2.commit()
-        assert set(registry.pool("user_question").anchors) == expected
-
-
 def test_eviction_callback_sees_every_dropped_anchor():
     dropped = []
     registry = AnchorRegistry(KVCommConfig(max_anchors=2, window=2), on_evict=dropped.append)

@@ -271,3 +271,18 @@ def test_config_rejects_bad_bounds():
             KVCommConfig(**bad)
     with pytest.raises(StoreFull):
         make_cache(size=64, store_budget_fraction=0.25).runtime.store.alloc(17, "x")
+
+
+def test_a_changed_template_forgets_the_deviations_learned_under_the_old_one():
+    cache, ns = make_cache(), namespace()
+    ids, hints = consumer_setup(cache, ns)
+    serve(cache, ids, ns, hints)                       # dense: records agent a's deviations
+    pool = cache.runtime.namespace(ns).state.anchors.pool("user_question")
+    assert all("a" in anchor.deviations for anchor in pool.anchors.values()) and len(pool)
+    same = [Piece("template", 3), Piece("content", 3, "user_question", "q"),
+            Piece("template", 2)]
+    serve(cache, [1, 2, 3, 50, 51, 52, 4, 5], ns, {"agent": "a", "layout": same, "template": True})
+    assert all("a" in anchor.deviations for anchor in pool.anchors.values())
+    serve(cache, [1, 2, 9, 50, 51, 52, 4, 5], ns, {"agent": "a", "layout": same, "template": True})
+    assert not any("a" in anchor.deviations for anchor in pool.anchors.values())
+    assert_invariants(cache)
