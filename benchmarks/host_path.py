@@ -162,7 +162,7 @@ def run(args) -> tuple[list[dict], dict]:
     server = Server(config, args.shape, args.device)
     timed_flatten(server)
     work = Workload(5, 512, (1000, 128000), seed=0)
-    namespace = "kvcomm:host-path"
+    namespace = "kvcomm:host-path-benchmark-0001"   # 22+ chars: a valid namespace
     for agent, pieces, names in work.agents:
         standins = {name: ("standin", work.ids(16)) for name in names}
         ids, layout = work.prompt(pieces, names, standins)

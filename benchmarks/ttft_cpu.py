@@ -16,6 +16,7 @@ import argparse
 import json
 import pathlib
 import random
+import secrets
 import statistics
 import sys
 import time
@@ -113,7 +114,7 @@ def main(argv=None):
         server.__enter__()
     url = args.url or server.url
     try:
-        namespace = f"kvcomm:ttft-{int(time.time())}"
+        namespace = "kvcomm:" + secrets.token_urlsafe(16)   # a workflow secret (docs/isolation.md)
         register_templates(url, temps, namespace)
         rows = {i: {"dense": [], "kvcomm": [], "reuse_only": [], "reused": 0, "prompt": []}
                 for i in range(NUM_AGENTS)}

@@ -27,6 +27,7 @@ import datetime
 import json
 import pathlib
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -247,7 +248,7 @@ def main(argv=None):
         args.agents, args.prefix_tokens, args.input_tokens, args.output_tokens = 3, 32, 96, 24
         args.vocab, args.warmup, args.repeats, args.settle_s = (1000, 49000), 2, 2, 0.0
     work = Workload(args.agents, args.prefix_tokens, tuple(args.vocab), seed=int(time.time()))
-    namespace = f"kvcomm:ttft-gpu-{int(time.time())}"
+    namespace = "kvcomm:" + secrets.token_urlsafe(16)     # a workflow secret (docs/isolation.md)
     register_templates(args.kvcomm_url, work, namespace)
     calls, profile_calls, device = [], [], device_name()
     out = pathlib.Path(args.out)

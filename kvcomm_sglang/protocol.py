@@ -1,10 +1,12 @@
-"""The KVCOMM request protocol, version 1 (docs/protocol.md): decode, validate, encode.
+"""The KVCOMM request protocol, version 1 (docs/protocol.md): decode, validate, encode, and the
+checks every request gets at the HTTP edge.
 
 A request carries its KVCOMM actions as ONE JSON string in
 ``sampling_params.custom_params["kvcomm"]`` (SGLang 0.5.17 passes custom_params unchanged to
-the scheduler; its values must be JSON scalars) and its workflow namespace in ``extra_key``,
-which must start with ``kvcomm:``. Pure Python: shared by the server (validation at the HTTP
-edge, planning in the scheduler) and the frontend (encoding).
+the scheduler; its values must be JSON scalars) and its workflow namespace in ``extra_key``:
+``kvcomm:`` + the workflow's secret id (NAMESPACE_RE). Pure Python: shared by the server
+(validation at the HTTP edge, planning in the scheduler) and the frontend (encoding). Every
+check raises ValueError with a short ASCII reason (the server sends it back as HTTP 400).
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ from kvcomm_sglang.segments import parse_placeholder
 VERSION = 1
 CUSTOM_PARAMS_KEY = "kvcomm"
 NAMESPACE_PREFIX = "kvcomm:"
+NAMESPACE_RE = re.compile(r"kvcomm:[A-Za-z0-9_-]{22,128}")     # whole extra_key (fullmatch)
+MAX_EXTRA_KEY_BYTES = 4096          # any extra_key, KVCOMM or not
 MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_DEPTH = 4                       # the envelope is 3 deep: object > layout > piece
 MAX_PIECES = 512
-ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MAX_TOKENS = 2 ** 31 - 1            # bound of piece lengths and base.drop
+ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")                 # whole id (fullmatch)
+PLACEHOLDER_CHARS_RE = re.compile(r"[A-Za-z0-9_]{1,128}")
 KEYS = {"v", "agent", "layout", "template", "base", "capture"}
+MAX_SHOWN_CHARS = 64
+# one JSON token that can nest: a string (closed or running to the end) or a bracket
+_JSON_NESTING_RE = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"?|[\[\]{}]')
 
 
 @dataclass(frozen=True)
@@ -58,42 +68,30 @@ def decode(custom_params) -> Hints | None:
     Raises ValueError naming the problem on any malformed payload."""
     if not isinstance(custom_params, dict) or CUSTOM_PARAMS_KEY not in custom_params:
         return None
-    raw = custom_params[CUSTOM_PARAMS_KEY]
-    if not isinstance(raw, str):
-        raise ValueError(f"custom_params[{CUSTOM_PARAMS_KEY!r}] must be a JSON string")
-    if len(raw.encode()) > MAX_PAYLOAD_BYTES:
-        raise ValueError(f"KVCOMM hints are {len(raw.encode())} bytes, more than "
-                         f"{MAX_PAYLOAD_BYTES}")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"KVCOMM hints are not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("KVCOMM hints must be a JSON object")
+    data = _load(custom_params[CUSTOM_PARAMS_KEY])
     unknown = set(data) - KEYS
     if unknown:
-        raise ValueError(f"unknown KVCOMM hint fields {sorted(unknown)}")
-    if data.get("v") != VERSION:
-        raise ValueError(f"KVCOMM protocol version {data.get('v')!r} is not supported "
+        raise ValueError(f"unknown KVCOMM hint fields {_show(sorted(unknown))}")
+    version = data.get("v")
+    if type(version) is not int or version != VERSION:
+        raise ValueError(f"KVCOMM protocol version {_show(version)} is not supported "
                          f"(this server speaks v{VERSION})")
     agent = data.get("agent")
-    if agent is not None and not (isinstance(agent, str) and ID_RE.match(agent)):
-        raise ValueError(f"agent must be an id matching {ID_RE.pattern}, got {agent!r}")
-    layout = tuple(_piece(i, p) for i, p in enumerate(_list(data.get("layout", []), "layout")))
+    if agent is not None:
+        _id(agent, "agent")
+    layout = _list(data.get("layout", []), "layout")
     if len(layout) > MAX_PIECES:
         raise ValueError(f"layout has {len(layout)} pieces, at most {MAX_PIECES} allowed")
+    layout = tuple(_piece(i, p) for i, p in enumerate(layout))
     template = data.get("template", False)
     if not isinstance(template, bool):
-        raise ValueError("template must be true or false")
+        raise ValueError(f"template must be true or false, got {_show(template)}")
     return Hints(agent, layout, template, _base(data.get("base")), _capture(data.get("capture")))
 
 
-def validate(hints: Hints, num_input_ids: int, extra_key: str | None) -> None:
+def validate(hints: Hints, num_input_ids: int, extra_key) -> None:
     """Consistency with the request itself; raises ValueError with the reason."""
-    if not (isinstance(extra_key, str) and extra_key.startswith(NAMESPACE_PREFIX)
-            and len(extra_key) > len(NAMESPACE_PREFIX)):
-        raise ValueError(f"a KVCOMM request needs extra_key '{NAMESPACE_PREFIX}<workflow>' "
-                         f"(its namespace), got {extra_key!r}")
+    validate_namespace(extra_key)
     if hints.layout:
         if hints.agent is None:
             raise ValueError("a KVCOMM layout needs the consuming agent's id ('agent')")
@@ -110,13 +108,48 @@ def validate(hints: Hints, num_input_ids: int, extra_key: str | None) -> None:
             raise ValueError("the last template piece is empty: nothing left to compute")
         names = [p.placeholder for p in hints.layout if p.kind == "content"]
         if len(set(names)) != len(names):
-            raise ValueError(f"a placeholder appears twice in the layout: {names}")
+            raise ValueError(f"a placeholder appears twice in the layout: {_show(names)}")
     elif hints.template:
         raise ValueError("a template registration needs its layout")
     if hints.base and not 0 <= hints.base[2] < num_input_ids:
         raise ValueError(f"base drop {hints.base[2]} must be in [0, {num_input_ids})")
     if hints.base and hints.layout:
         raise ValueError("a base request computes one message; it has no layout")
+
+
+def validate_namespace(extra_key) -> str:
+    """A KVCOMM namespace: extra_key = 'kvcomm:' + the workflow's secret id, 22 to 128
+    characters of [A-Za-z0-9_-] (secrets.token_urlsafe(16) makes 22). Returns it."""
+    if not (isinstance(extra_key, str) and NAMESPACE_RE.fullmatch(extra_key)):
+        raise ValueError(f"a KVCOMM request needs extra_key '{NAMESPACE_PREFIX}<workflow id>' "
+                         "(its namespace; the id is 22 to 128 characters of [A-Za-z0-9_-]), got "
+                         f"{_show(extra_key)}")
+    return extra_key
+
+
+def validate_extra_key(extra_key) -> None:
+    """Every request's extra_key: a string of at most MAX_EXTRA_KEY_BYTES (UTF-8) bytes, and a
+    valid namespace when it starts with 'kvcomm:' (with or without hints)."""
+    if extra_key is None:
+        return
+    if not isinstance(extra_key, str):
+        raise ValueError(f"extra_key must be a string, got {_show(extra_key)}")
+    if (len(extra_key) > MAX_EXTRA_KEY_BYTES
+            or len(extra_key.encode("utf-8", "surrogatepass")) > MAX_EXTRA_KEY_BYTES):
+        raise ValueError(f"extra_key is longer than {MAX_EXTRA_KEY_BYTES} bytes")
+    if extra_key.startswith(NAMESPACE_PREFIX):
+        validate_namespace(extra_key)
+
+
+def validate_input_ids(input_ids, vocab_size: int) -> None:
+    """Every prompt token must be an int in [0, vocab_size): SGLang 0.5.17 does not check, and
+    one id outside the embedding table takes the whole server down."""
+    if not isinstance(input_ids, (list, tuple)):
+        raise ValueError(f"input_ids must be a list of token ids, got {_show(input_ids)}")
+    for i, token in enumerate(input_ids):
+        if type(token) is not int or not 0 <= token < vocab_size:
+            raise ValueError(f"input_ids[{i}] = {_show(token)} is not a token id of this model: "
+                             f"ids are integers in [0, {vocab_size})")
 
 
 def encode(**fields) -> dict:
@@ -137,27 +170,74 @@ def encode(**fields) -> dict:
     return {CUSTOM_PARAMS_KEY: hints}
 
 
+def _load(raw) -> dict:
+    if not isinstance(raw, str):
+        raise ValueError(f"custom_params[{CUSTOM_PARAMS_KEY!r}] must be a JSON string, got "
+                         f"a {type(raw).__name__}")
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"KVCOMM hints are {size} bytes, more than {MAX_PAYLOAD_BYTES}")
+    _check_depth(raw)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:       # JSONDecodeError, integers past Python's digit limit
+        raise ValueError(f"KVCOMM hints are not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("KVCOMM hints must be a JSON object")
+    return data
+
+
+def _check_depth(raw: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before parsing (the parser would recurse)."""
+    depth = 0
+    for match in _JSON_NESTING_RE.finditer(raw):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ValueError(f"KVCOMM hints are nested deeper than {MAX_DEPTH} levels")
+        elif token in ("]", "}"):
+            depth -= 1
+
+
+def _show(value) -> str:
+    """A client's value, short and ASCII, for an error message (the reply is JSON: lone
+    surrogates would not encode; the value may be huge)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (list, tuple, dict)):
+        if len(value) > 8 or not all(isinstance(v, (str, int, float, type(None))) for v in value):
+            return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str) and len(value) > MAX_SHOWN_CHARS:
+        value = value[:MAX_SHOWN_CHARS]
+    text = ascii(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 3] + "..."
+
+
 def _list(value, name):
     if not isinstance(value, list):
-        raise ValueError(f"{name} must be a list")
+        raise ValueError(f"{name} must be a list, got {_show(value)}")
+    return value
+
+
+def _length(value, where: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(f"{where} must be an integer in [0, {MAX_TOKENS}], got {_show(value)}")
     return value
 
 
 def _piece(i: int, p) -> Piece:
     if not isinstance(p, dict) or p.get("t") not in ("template", "content"):
         raise ValueError(f"layout[{i}] must be an object with t = 'template' or 'content'")
-    n = p.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"layout[{i}].n must be a non-negative integer, got {n!r}")
+    n = _length(p.get("n"), f"layout[{i}].n")
+    fields = {"t", "n"} if p["t"] == "template" else {"t", "n", "ph", "id"}
+    unknown = sorted(set(p) - fields)
+    if unknown:
+        raise ValueError(f"layout[{i}] ({p['t']}) has unknown fields {_show(unknown)}")
     if p["t"] == "template":
-        if set(p) - {"t", "n"}:
-            raise ValueError(f"layout[{i}] (template) has unknown fields {sorted(set(p) - {'t', 'n'})}")
         return Piece("template", n)
-    if set(p) - {"t", "n", "ph", "id"}:
-        raise ValueError(f"layout[{i}] (content) has unknown fields "
-                         f"{sorted(set(p) - {'t', 'n', 'ph', 'id'})}")
-    _placeholder(p.get("ph"), f"layout[{i}].ph")
-    return Piece("content", n, p["ph"], _id(p.get("id"), f"layout[{i}].id"))
+    return Piece("content", n, _placeholder(p.get("ph"), f"layout[{i}].ph"),
+                 _id(p.get("id"), f"layout[{i}].id"))
 
 
 def _piece_json(p: Piece) -> dict:
@@ -167,8 +247,9 @@ def _piece_json(p: Piece) -> dict:
 
 
 def _placeholder(name, where: str) -> str:
-    if not isinstance(name, str):
-        raise ValueError(f"{where} must be a placeholder name")
+    if not (isinstance(name, str) and PLACEHOLDER_CHARS_RE.fullmatch(name)):
+        raise ValueError(f"{where} must be a placeholder name ({PLACEHOLDER_CHARS_RE.pattern}), "
+                         f"got {_show(name)}")
     try:
         parse_placeholder(name)
     except ValueError as exc:
@@ -177,8 +258,8 @@ def _placeholder(name, where: str) -> str:
 
 
 def _id(value, where: str) -> str:
-    if not (isinstance(value, str) and ID_RE.match(value)):
-        raise ValueError(f"{where} must be an id matching {ID_RE.pattern}, got {value!r}")
+    if not (isinstance(value, str) and ID_RE.fullmatch(value)):
+        raise ValueError(f"{where} must be an id matching {ID_RE.pattern}, got {_show(value)}")
     return value
 
 
@@ -187,11 +268,9 @@ def _base(value):
         return None
     if not isinstance(value, dict) or set(value) != {"message", "placeholder", "drop"}:
         raise ValueError("base must be an object with message, placeholder and drop")
-    drop = value["drop"]
-    if not isinstance(drop, int) or isinstance(drop, bool) or drop < 0:
-        raise ValueError(f"base.drop must be a non-negative integer, got {drop!r}")
-    return (_id(value["message"], "base.message"), _placeholder(value["placeholder"],
-            "base.placeholder"), drop)
+    return (_id(value["message"], "base.message"),
+            _placeholder(value["placeholder"], "base.placeholder"),
+            _length(value["drop"], "base.drop"))
 
 
 def _capture(value):

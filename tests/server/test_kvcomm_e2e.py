@@ -74,9 +74,6 @@ BAD = [
     ({"kvcomm": json.dumps({"v": 1, "agent": "0", "layout": [{"t": "template", "n": 3}]})},
      "sum to"),
     ({"kvcomm": json.dumps({"v": 1, "agent": "0", "layout": [
-        {"t": "template", "n": 2}, {"t": "content", "n": 1, "ph": "user_question", "id": "nope"},
-        {"t": "template", "n": 2}]})}, "unknown message id"),
-    ({"kvcomm": json.dumps({"v": 1, "agent": "0", "layout": [
         {"t": "template", "n": 2}, {"t": "content", "n": 1, "ph": "agent_x_y", "id": "a"},
         {"t": "template", "n": 2}]})}, "unknown placeholder"),
     ({"kvcomm": "x" * (protocol.MAX_PAYLOAD_BYTES + 1)}, "bytes"),
@@ -85,7 +82,7 @@ BAD = [
 
 @pytest.mark.parametrize("custom,reason", BAD, ids=[b[1] for b in BAD])
 def test_bad_hints_get_400_and_the_server_keeps_serving(kvcomm_server, custom, reason):
-    body = {"input_ids": [1, 2, 3, 4, 5], "extra_key": "kvcomm:bad",
+    body = {"input_ids": [1, 2, 3, 4, 5], "extra_key": "kvcomm:" + "bad" * 8,
             "sampling_params": {"temperature": 0, "max_new_tokens": 2, "custom_params": custom}}
     resp = requests.post(f"{kvcomm_server.url}/generate", json=body, timeout=60)
     assert resp.status_code == 400, resp.text

@@ -286,3 +286,17 @@ def test_a_changed_template_forgets_the_deviations_learned_under_the_old_one():
     serve(cache, [1, 2, 9, 50, 51, 52, 4, 5], ns, {"agent": "a", "layout": same, "template": True})
     assert not any("a" in anchor.deviations for anchor in pool.anchors.values())
     assert_invariants(cache)
+
+
+def test_a_message_evicted_before_planning_falls_back_with_its_reason():
+    cache, ns = make_cache(), namespace()
+    ids, hints = consumer_setup(cache, ns)
+    space = cache.runtime.namespace(ns)
+    cache.runtime.namespaces.evict_within(space, 1)       # store pressure takes message "q"
+    assert "q" not in space.messages
+    req = Req(ids, ns, hints)
+    admit(cache, req)
+    assert cache.runtime.decisions[req.rid].reason == "unknown_message"
+    release(cache, req)
+    assert cache.runtime.stats.fallbacks["unknown_message"] == 1
+    assert_invariants(cache)
