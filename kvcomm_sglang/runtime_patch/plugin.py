@@ -55,6 +55,7 @@ def validate_request_hook(manager, obj, input_ids, *args, **kwargs):
         protocol.validate_input_ids(_as_list(input_ids), manager.model_config.vocab_size)
     extra_key = getattr(obj, "extra_key", None)
     protocol.validate_extra_key(extra_key)
+    _check_sampling(manager, obj)
     params = getattr(obj, "sampling_params", None)
     hints = protocol.decode(params.get("custom_params") if isinstance(params, dict) else None)
     if hints is None:
@@ -63,6 +64,26 @@ def validate_request_hook(manager, obj, input_ids, *args, **kwargs):
         raise ValueError("KVCOMM hints need the prompt as input_ids or text")
     protocol.validate(hints, len(input_ids), extra_key)
     return None
+
+
+def _check_sampling(manager, obj) -> None:
+    """SGLang builds and verifies the request's SamplingParams right after this hook and turns
+    anything but a ValueError there (``"temperature": "hot"``: a TypeError) into HTTP 500; so
+    build and verify them here first, and refuse with 400."""
+    params = getattr(obj, "sampling_params", None)
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ValueError("sampling_params must be an object")
+    try:
+        sampling = manager.sampling_params_class(**{**(manager.preferred_sampling_params or {}),
+                                                     **params})
+        sampling.verify(manager.model_config.vocab_size)
+    except ValueError:
+        raise
+    except Exception as exc:                     # TypeError, AttributeError, ...: bad input
+        raise ValueError(f"invalid sampling_params: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from None
 
 
 def _as_list(input_ids):

@@ -203,3 +203,13 @@ def test_random_malformed_requests_get_4xx_with_the_reason(kvcomm_server, baseli
 
 def test_the_server_serves_correctly_after_the_malformed_requests(kvcomm_server, baseline):
     assert_still_serving(kvcomm_server, baseline)
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"input_ids": PROMPT, "sampling_params": {"temperature": "hot", "max_new_tokens": 2}},
+     "sampling_params"),
+    ({"input_ids": PROMPT, "sampling_params": {"max_new_tokens": [3]}}, "sampling_params"),
+])
+def test_bad_sampling_params_get_400_not_500(kvcomm_server, baseline, body, reason):
+    assert_refused(post(kvcomm_server, body), reason)
+    assert_still_serving(kvcomm_server, baseline)
