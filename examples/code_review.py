@@ -6,8 +6,7 @@ tester's previous report, the reviewer sees the writer's code, the tester sees t
 
 import argparse
 
-from kvcomm_sglang.frontend import KVCommEndpoint
-from kvcomm_sglang.frontend.agents import Agent, AgentGraph
+from kvcomm_sglang.frontend import Agent, AgentGraph, KVCommEndpoint
 
 TASKS = ["Write a Python function is_even(n) that returns True for even numbers.",
          "Write a Python function add(a, b) that returns the sum of a and b.",

@@ -5,8 +5,7 @@
 
 import argparse
 
-from kvcomm_sglang.frontend import KVCommEndpoint
-from kvcomm_sglang.frontend.agents import Agent, AgentGraph
+from kvcomm_sglang.frontend import Agent, AgentGraph, KVCommEndpoint
 
 QUESTIONS = ["What is 7 times 8?", "What is 100 minus 37?", "A box holds 6 eggs. How many eggs "
              "are in 4 boxes?", "What is the square root of 81?"]

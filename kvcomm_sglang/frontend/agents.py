@@ -16,7 +16,6 @@ written by hand in ``Agent.instruction`` with placeholders ``{user_question}``,
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass, field
 
 import sglang as sgl
@@ -174,7 +173,7 @@ class AgentGraph:
         if mode not in scope.MODES:
             raise ValueError(f"mode must be one of {scope.MODES}, got {mode!r}")
         if mode not in self._workflows:
-            self._workflows[mode] = scope.Workflow(f"graph-{uuid.uuid4().hex[:10]}", mode)
+            self._workflows[mode] = scope.Workflow(f"graph-{mode}", mode)
         return self._workflows[mode]
 
 

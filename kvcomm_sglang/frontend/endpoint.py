@@ -3,6 +3,9 @@
 Inside ``with workflow():`` each ``gen`` is sent as ``input_ids`` (template text tokenized piece
 by piece, registered messages spliced as their exact ids) with KVCOMM hints, and streamed so the
 client measures TTFT. Outside a workflow the endpoint behaves like ``RuntimeEndpoint``.
+A call the server answers with ``unknown_template`` or ``unknown_message`` (it forgot the
+workflow: eviction, restart) was served densely; the agent's template pass, or base requests for
+the prompt's messages, are sent again before the next call that needs them.
 ``select``, ``fork`` and ``run_batch`` keep SGLang's text path (dense, exact).
 """
 
@@ -72,7 +75,8 @@ class KVCommEndpoint(RuntimeEndpoint):
         found = segment(text, wf.candidates(), wf.min_message_chars)
         role = wf.role_of(found.prefix)
         ids = self._assemble(found)
-        call = {"role": role, "ids": ids, "agent": f"{role}", "layout": None, "reason": None}
+        call = {"role": role, "ids": ids, "agent": f"{role}", "layout": None, "reason": None,
+                "messages": found.messages}
         try:
             names = name_placeholders(found, role)
         except Unexpressible as exc:
@@ -80,16 +84,16 @@ class KVCommEndpoint(RuntimeEndpoint):
             return call
         if not found.messages:
             return call
-        agent, is_new = wf.agent_id(role, shape_key(found, names))
+        agent = wf.agent_id(role, shape_key(found, names))
         if agent is None:
             call["reason"] = "client:too_many_prompt_shapes"
             return call
         call["agent"], call["layout"] = agent, _layout(found, names, self.tokenize)
         if wf.mode == "kvcomm":
-            if is_new:
+            if wf.needs_template(agent):
                 self._template_pass(wf, agent, found, names)
-            for message, name in zip(found.messages, names):
-                if message.role is None and message.id not in wf.sent_bases:
+            for message in found.messages:
+                if wf.needs_base(message):
                     self._base(wf, message)
         return call
 
@@ -118,13 +122,14 @@ class KVCommEndpoint(RuntimeEndpoint):
             ids += list(stand_in) + list(self.tokenize(piece))
         hints = protocol.encode(agent=agent, layout=layout, template=True)
         self._post(ids, {"max_new_tokens": 1, "temperature": 0}, hints, wf.namespace)
+        wf.sent_template(agent)
 
     def _base(self, wf: Workflow, message: Message) -> None:
         header = self.tokenize(self.chat_template.role_prefix_and_suffix["user"][0])
         hints = protocol.encode(base=(message.id, message.placeholder, len(header)))
         self._post(list(header) + list(message.ids), {"max_new_tokens": 1, "temperature": 0},
                    hints, wf.namespace)
-        wf.sent_bases.add(message.id)
+        wf.sent_base(message)
 
     # ---- the gen request itself ----
     def _generate_call(self, wf: Workflow, call: dict, params: dict):
@@ -145,6 +150,8 @@ class KVCommEndpoint(RuntimeEndpoint):
             message = wf.add_message(text, ids, call["role"], f"agent_{call['role']}_current",
                                      message_id=capture_id)
         record = _record(call, ttft, meta, wf.mode, text, message)
+        if call["layout"]:
+            wf.forget(record.fallback_reason, call["agent"], call["messages"])
         with wf.lock:
             wf.calls.append(record)
         meta["kvcomm_call"] = record.__dict__.copy()

@@ -1,19 +1,28 @@
 """``workflow()``: the scope in which a KVCommEndpoint gives reuse, and its client-side state.
 
 Inside ``with workflow(name):`` every ``gen`` sent through a ``KVCommEndpoint`` belongs to the
-workflow namespace ``kvcomm:<name>``: its output becomes a message, later prompts that contain
-it splice its exact token ids, and each agent (keyed by its prompt's text before the first
-message) gets its template registered once per prompt shape. ``mode="dense"`` sends the very
-same token ids without hints (the exact baseline). The scope is a ``contextvars`` variable, so
-it follows SGLang's executor threads (they copy the context they are created in).
+workflow's namespace ``kvcomm:<secret>``: its output becomes a message, later prompts that
+contain it splice its exact token ids, and each agent (keyed by its prompt's text before the
+first message) gets its template registered once per prompt shape. ``mode="dense"`` sends the
+very same token ids without hints (the exact baseline). The scope is a ``contextvars`` variable,
+so it follows SGLang's executor threads (they copy the context they are created in).
+
+The secret (``secrets.token_urlsafe(16)``: 22 characters, 128 random bits) is the workflow's
+only credential on the server: whoever holds it can read and change the workflow's messages and
+templates, nobody else can guess it. ``name`` is a label for people and logs; two workflows with
+the same name never share state. ``use(wf)`` re-enters the same namespace.
+
+The server may forget a workflow (its namespace evicted, a restart): a call then falls back to
+dense with ``unknown_template`` or ``unknown_message``, and the workflow marks what to send again
+(``missing_templates``, ``on_server``) before the next call that needs it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import secrets
 import threading
-import uuid
 from dataclasses import dataclass, field
 
 from kvcomm_sglang.frontend.prompt import Message
@@ -22,6 +31,7 @@ MODES = ("kvcomm", "dense")
 SHARED_ARGS = ("question", "user_question", "query", "task", "q", "context", "passages",
                "documents", "document")
 MAX_SHAPES_PER_ROLE = 16
+SECRET_BYTES = 16               # token_urlsafe(16): 22 base64url characters, 128 random bits
 _current: contextvars.ContextVar["Workflow | None"] = contextvars.ContextVar(
     "kvcomm_workflow", default=None)
 
@@ -51,9 +61,11 @@ class Workflow:
     produced: list[Message] = field(default_factory=list)         # every generated message
     roles: dict[str, int] = field(default_factory=dict)           # prompt prefix -> role index
     shapes: dict[tuple, str] = field(default_factory=dict)        # (role, shape) -> agent id
-    sent_bases: set[str] = field(default_factory=set)
+    on_server: set[str] = field(default_factory=set)              # message ids the server holds
+    missing_templates: set[str] = field(default_factory=set)      # agents to register (again)
     calls: list[CallRecord] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(SECRET_BYTES), repr=False)
     _seq: int = 0
 
     def __post_init__(self):
@@ -62,7 +74,7 @@ class Workflow:
 
     @property
     def namespace(self) -> str | None:
-        return f"kvcomm:{self.name}" if self.mode == "kvcomm" else None
+        return f"kvcomm:{self.secret}" if self.mode == "kvcomm" else None
 
     def next_seq(self) -> int:
         with self.lock:
@@ -73,17 +85,19 @@ class Workflow:
         with self.lock:
             return self.roles.setdefault(prefix, len(self.roles))
 
-    def agent_id(self, role: int, shape: tuple) -> tuple[str | None, bool]:
-        """-> (server agent id, is new); (None, False) past MAX_SHAPES_PER_ROLE shapes."""
+    def agent_id(self, role: int, shape: tuple) -> str | None:
+        """The server agent id of this prompt shape (a new one joins ``missing_templates``);
+        None past MAX_SHAPES_PER_ROLE shapes."""
         with self.lock:
             key = (role, shape)
             if key in self.shapes:
-                return self.shapes[key], False
+                return self.shapes[key]
             count = sum(1 for r, _ in self.shapes if r == role)
             if count >= MAX_SHAPES_PER_ROLE:
-                return None, False
-            self.shapes[key] = str(role) if count == 0 else f"{role}.{count}"
-            return self.shapes[key], True
+                return None
+            self.shapes[key] = agent = str(role) if count == 0 else f"{role}.{count}"
+            self.missing_templates.add(agent)
+            return agent
 
     def add_message(self, text: str, ids, role: int | None, placeholder: str,
                     prefix: str = "m", message_id: str | None = None) -> Message:
@@ -93,6 +107,7 @@ class Workflow:
             self.messages[text] = message
             if role is not None:
                 self.produced.append(message)
+                self.on_server.add(message.id)      # captured by the request that made it
             return message
 
     def candidates(self) -> list[Message]:
@@ -107,14 +122,43 @@ class Workflow:
                 return known
             return self.add_message(text, tokenize(text), None, placeholder, prefix="u")
 
+    def needs_template(self, agent: str) -> bool:
+        """Whether ``agent``'s template pass must be sent before its call: a new agent, or one
+        the server said it does not know."""
+        with self.lock:
+            return agent in self.missing_templates
+
+    def sent_template(self, agent: str) -> None:
+        with self.lock:
+            self.missing_templates.discard(agent)
+
+    def sent_base(self, message: Message) -> None:
+        with self.lock:
+            self.on_server.add(message.id)
+
+    def needs_base(self, message: Message) -> bool:
+        """Whether ``message`` must be sent as a base request before a call that uses it: a
+        program argument sent never, or any message the server said it does not know."""
+        with self.lock:
+            return message.id not in self.on_server
+
+    def forget(self, reason: str | None, agent: str, messages) -> None:
+        """The server answered a call with ``reason``: mark what it lost to be sent again."""
+        with self.lock:
+            if reason == "unknown_template":
+                self.missing_templates.add(agent)
+            elif reason == "unknown_message":
+                self.on_server.difference_update(m.id for m in messages)
+
 
 @contextlib.contextmanager
 def workflow(name: str | None = None, mode: str = "kvcomm", min_message_chars: int = 12,
              shared_args=SHARED_ARGS):
-    """Scope of one KVCOMM workflow; yields its ``Workflow`` (calls, messages). A fresh name
-    (default: random) starts with empty server state: templates and anchors warm up again.
-    ``shared_args``: program keyword arguments (e.g. ``question``) sent once as base messages."""
-    wf = Workflow(name or uuid.uuid4().hex[:12], mode, min_message_chars, tuple(shared_args))
+    """Scope of one new KVCOMM workflow; yields its ``Workflow`` (calls, messages). Each call
+    makes a new secret namespace with empty server state (templates and anchors warm up again),
+    whatever ``name`` (a label only) says; ``use(wf)`` re-enters one. ``shared_args``: program
+    keyword arguments (e.g. ``question``) sent once as base messages."""
+    wf = Workflow(name or "workflow", mode, min_message_chars, tuple(shared_args))
     token = _current.set(wf)
     try:
         yield wf

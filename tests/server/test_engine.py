@@ -7,16 +7,18 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import json
+    import secrets
     from kvcomm_sglang import protocol
     from kvcomm_sglang.runtime_patch.engine import engine, generate
 
+    namespace = "kvcomm:" + secrets.token_urlsafe(16)      # a workflow's secret namespace
     eng = engine(device="cpu", log_level="error")
     try:
         plain = eng.generate(input_ids=[1, 504, 3458, 314, 4849], sampling_params={
             "temperature": 0, "max_new_tokens": 4})
         hinted = generate(eng, [1, 504, 3458, 314, 4849, 28], {
             "temperature": 0, "max_new_tokens": 4,
-            "custom_params": protocol.encode(base=("m", "user_question", 2))}, "kvcomm:eng")
+            "custom_params": protocol.encode(base=("m", "user_question", 2))}, namespace)
         print("RESULT " + json.dumps({"plain": plain["output_ids"],
                                       "report": hinted["meta_info"].get("kvcomm")}))
     finally:

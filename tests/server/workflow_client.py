@@ -7,6 +7,7 @@ sends the same input_ids without hints.
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,12 @@ def generate(url: str, input_ids, max_new_tokens: int, hints: dict | None = None
     return Result(list(out["output_ids"]), out["meta_info"], elapsed)
 
 
+def new_namespace() -> str:
+    """A fresh workflow namespace: ``kvcomm:`` + the workflow's secret (128 random bits, the
+    frontend's own recipe); the server refuses guessable names such as ``kvcomm:e2e``."""
+    return "kvcomm:" + secrets.token_urlsafe(16)
+
+
 def template_pass(template) -> tuple[list[int], list]:
     """(input_ids, layout) of an agent's template pass: stand-in text for each placeholder."""
     ids, layout = [], []
@@ -89,11 +96,14 @@ def prompt(template, contents: dict) -> tuple[list[int], list]:
 
 
 class Workflow:
-    """One workflow namespace on a KVCOMM server: templates registered once, then questions."""
+    """One workflow namespace on a KVCOMM server: templates registered once, then questions.
+    ``name`` is a label; each Workflow gets its own secret namespace."""
 
     def __init__(self, url: str, name: str, max_new_tokens: int = 32, templates=None):
-        self.url, self.namespace, self.max_new_tokens = url, f"kvcomm:{name}", max_new_tokens
-        self.plain_namespace = f"plain:{name}"    # the dense comparison: same prompts, no hints
+        self.url, self.name, self.max_new_tokens = url, name, max_new_tokens
+        self.namespace = new_namespace()
+        # the dense comparison: same prompts, no hints, in a namespace of its own
+        self.plain_namespace = "plain:" + self.namespace.removeprefix("kvcomm:")
         self.templates = templates or workflow.agent_templates(render_chat, encode)
         for t in self.templates:
             self._register(t)
