@@ -196,8 +196,15 @@ class KVCommRadixCache(RadixCache):
         return result
 
     def evictable_size(self):
-        store = self.runtime.store.tokens if self.runtime is not None else 0
-        return super().evictable_size() + store
+        """Tree leaves plus the store slots eviction can free; what live requests pin is
+        protected (``protected_size``): both sums together are the store's size."""
+        if self.runtime is None:
+            return super().evictable_size()
+        return super().evictable_size() + self.runtime.store.tokens - self.runtime.pinned_tokens()
+
+    def protected_size(self):
+        pinned = self.runtime.pinned_tokens() if self.runtime is not None else 0
+        return super().protected_size() + pinned
 
     def reset(self):
         super().reset()

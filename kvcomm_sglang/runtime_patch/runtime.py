@@ -276,6 +276,24 @@ class KVCommRuntime:
         live = [d for d in self.decisions.values() if d.ns is ns]
         return ({k for d in live for k in d.keys.values()}, {d.agent for d in live})
 
+    def pinned_tokens(self) -> int:
+        """Store tokens that no eviction can free now (what live requests were decided with):
+        they count as protected, not evictable, in the radix cache's sizes, or SGLang would
+        admit a request on room that eviction cannot make."""
+        pinned = set()
+        for decision in self.decisions.values():
+            ns = decision.ns
+            if ns is None or ns.name not in self.namespaces:
+                continue
+            ids = decision.pinned_blocks()
+            template = ns.state.templates.get(decision.agent)
+            ids.update(id(piece) for piece in template.pieces) if template else None
+            ids.update(id(ns.state.contents[k].kv) for k in decision.keys.values()
+                       if k in ns.state.contents)
+            ledger = self.store.ledger.get(ns.name, {})
+            pinned.update((i, ledger[i].length) for i in ids if i in ledger)
+        return sum(length for _, length in pinned)
+
     def pinned_namespaces(self) -> set[str]:
         return {d.ns.name for d in self.decisions.values() if d.ns is not None}
 

@@ -300,3 +300,22 @@ def test_a_message_evicted_before_planning_falls_back_with_its_reason():
     release(cache, req)
     assert cache.runtime.stats.fallbacks["unknown_message"] == 1
     assert_invariants(cache)
+
+
+def test_store_slots_a_live_request_pins_are_protected_not_evictable():
+    """SGLang admits a request when free + evictable covers it, then evicts: what a live
+    request's decision pins cannot be evicted, so it must count as protected (the soak's
+    scheduler crashed on "Out of memory ... available_size=22 + evictable_size=390")."""
+    cache, ns = make_cache(), namespace()
+    ids, hints = consumer_setup(cache, ns)
+    req = Req(ids, ns, hints)
+    cache.match_prefix(MatchPrefixParams(key=RadixKey(ids[:-1], ns), req=req))
+    pinned = cache.runtime.pinned_tokens()
+    assert pinned >= 3 + 5                              # message "q" and agent a's template
+    allocator = cache.token_to_kv_pool_allocator
+    promised = allocator.available_size() + cache.evictable_size()
+    cache.evict(type("P", (), {"num_tokens": 10_000})())
+    assert allocator.available_size() == promised      # eviction freed all it promised
+    assert cache.protected_size() == pinned and pool_is_whole(cache)
+    cache.after_batch([])                               # the request is gone: nothing pinned
+    assert cache.runtime.pinned_tokens() == 0
