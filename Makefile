@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kvcomm-installed
 PIP    := $(BIN)/pip install -q --no-cache-dir   # the venv is ~5.5 GB; a wheel cache would add ~3 GB
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement serve model clean
+.PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement soak serve model clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ bench-ttft-cpu: venv model       ## per-agent TTFT, dense vs KVCOMM, on the CPU 
 
 bench-agreement: venv model      ## KVCOMM vs dense greedy agreement inside the CPU server
 	$(BIN)/python benchmarks/agreement_cpu.py --out bench-results/agreement_cpu.json
+
+soak: venv model                 ## 8 workflows for 120 s on a small-pool CPU server: must end with 0 faults
+	$(BIN)/python benchmarks/soak.py --duration 120 --json bench-results/soak.json
 
 serve: venv model                ## a CPU server with the kvcomm backend on port 30000
 	$(BIN)/kvcomm-sglang serve --device cpu --port 30000
