@@ -84,7 +84,7 @@ class InvariantChecker:
         self.lost_anchors = 0
         for ns in runtime.namespaces.values():
             reach = ns.reachable()
-            pinned = set().union(*(d.pinned_blocks() for d in runtime.decisions.values()
+            pinned = set().union(*(runtime.decision_blocks(d) for d in runtime.decisions.values()
                                    if d.ns is ns))
             ledger = store.ledger.get(ns.name, {})
             self.leaked_slots += sum(b.length for i, b in ledger.items()

@@ -285,13 +285,9 @@ class KVCommRuntime:
             ns = decision.ns
             if ns is None or ns.name not in self.namespaces:
                 continue
-            ids = decision.pinned_blocks()
-            template = ns.state.templates.get(decision.agent)
-            ids.update(id(piece) for piece in template.pieces) if template else None
-            ids.update(id(ns.state.contents[k].kv) for k in decision.keys.values()
-                       if k in ns.state.contents)
             ledger = self.store.ledger.get(ns.name, {})
-            pinned.update((i, ledger[i].length) for i in ids if i in ledger)
+            pinned.update((i, ledger[i].length) for i in self.decision_blocks(decision)
+                          if i in ledger)
         return sum(length for _, length in pinned)
 
     def pinned_namespaces(self) -> set[str]:
@@ -303,10 +299,19 @@ class KVCommRuntime:
         keep = ns.reachable() if keep_state else set()
         for decision in self.decisions.values():
             if decision.ns is ns:
-                keep |= decision.pinned_blocks()
-                keep |= {id(ns.state.contents[k].kv) for k in decision.keys.values()
-                         if k in ns.state.contents}
+                keep |= self.decision_blocks(decision)
         return self.store.sweep(ns.name, keep)
+
+    def decision_blocks(self, decision: Decision) -> set[int]:
+        """Ids of the store blocks a live decision pins: what its plan reads, its messages'
+        base KV and its agent's template (one rule for sweeps, sizes and the checker)."""
+        ns, ids = decision.ns, decision.pinned_blocks()
+        template = ns.state.templates.get(decision.agent)
+        if template is not None:
+            ids.update(id(piece) for piece in template.pieces)
+        ids.update(id(ns.state.contents[k].kv) for k in decision.keys.values()
+                   if k in ns.state.contents)
+        return ids
 
     def _make_store_room(self, owner: str, tokens: int) -> None:
         self.namespaces.make_store_room(owner, tokens)
