@@ -48,6 +48,8 @@ class KVCommConfig:
     recompute_last_piece: bool = False  # True: recompute the whole last template piece (the
                                         # generation prompt, ~15 tokens) rather than 1 token
     namespace_prefix: str = "kvcomm:"  # approximate KV only under extra_key with this prefix
+    position_only: bool = False        # a measuring baseline, not KVCOMM: every call is reused
+                                       # with re-rotation only (no anchors, no gate)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.gamma, f"gamma must be >= 0, got {self.gamma}")

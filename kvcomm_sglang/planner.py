@@ -1,34 +1,26 @@
 """ReusePlan for one consumer call, or a Fallback with its reason (spec §5.2, §2.5, §4, §3).
 
-``KVCommState`` holds, for one namespace, the agents' template KV, the shared contents' base KV
-and the anchor pools. Stored KV keeps the positions of its frame: all zeros when de-rotated
+``KVCommState`` holds, for one workflow namespace, the shared contents' base KV; the agents'
+template KV and the anchor pools are its application's (``application.ApplicationState``). Stored KV keeps the positions of its frame: all zeros when de-rotated
 (DESIGN §4), the positions where it was computed in the official (absolute) mode.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
-from kvcomm_sglang.anchors import AnchorRegistry, Deviation
+from kvcomm_sglang.anchors import Deviation
+from kvcomm_sglang.application import AgentTemplate, ApplicationState
 from kvcomm_sglang.config import KVCommConfig
+from kvcomm_sglang.estimator import (GateResult, entropy_gate, gate_from_distances,
+                                     placeholder_distances, prefix_distances, softmax_weights)
 from kvcomm_sglang.kvblock import StoredKV
-from kvcomm_sglang.estimator import (GateResult, entropy_gate, gate_distances,
-                                     gate_from_distances, placeholder_distances,
-                                     prefix_distances, softmax_weights)
+from kvcomm_sglang.matching import (MAX_WEIGHT_SETS, AnchorWeights, Match, MatchCache,  # noqa: F401
+                                    _nbytes, reference_match, set_weights, unpack)
 from kvcomm_sglang.rope import RopeSpec, rotate
 from kvcomm_sglang.segments import PromptLayout, segment_key
-
-
-@dataclass
-class AgentTemplate:
-    agent: str
-    piece_ids: list[tuple[int, ...]]     # x0..xn token ids
-    placeholders: list[str]              # phi1..phin
-    pieces: list[StoredKV]               # template-pass KV of x0..xn
 
 
 @dataclass
@@ -44,66 +36,6 @@ class Content:
     matches: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     cache_nbytes: int = 0     # bytes of the two caches above (``MatchCache`` bounds them)
-
-
-@dataclass
-class Match:
-    """Distances of a content (T tokens) to one anchor: what the weights come from (spec §4.2).
-    ``packed`` holds ph_k, ph_v, pf_k, pf_v back to back (the four are views of it), so the
-    weights of an anchor set are one stack and one softmax over the anchor axis."""
-
-    ph_k: torch.Tensor        # (T,) head-aligned mean |diff| of K
-    ph_v: torch.Tensor        # (T,)
-    pf_k: torch.Tensor        # (L, H, D) tail-aligned L2 of K over tokens
-    pf_v: torch.Tensor        # (L, H, D)
-    gate_v: torch.Tensor      # () Frobenius distance of V, head-aligned (spec §5.1)
-    packed: torch.Tensor      # (2T + 2LHD,)
-    nbytes: int = 0           # of packed
-
-    @classmethod
-    def batch(cls, ph_k, ph_v, pf_k, pf_v, gate_v) -> list["Match"]:
-        """One Match per anchor row of a matcher's five (A, ...) tensors (one cat for all)."""
-        packed = torch.cat([ph_k, ph_v, pf_k.flatten(1), pf_v.flatten(1)], dim=1).float()
-        nbytes = _nbytes(packed[0]) if len(packed) else 0
-        return [cls(*unpack(row, ph_k.shape[1], pf_k.shape[1:]), gate_v[i], row, nbytes)
-                for i, row in enumerate(packed)]
-
-
-class AnchorWeights(NamedTuple):
-    """Softmax weights of one content against one anchor set (spec §4.2)."""
-
-    token_k: torch.Tensor      # (A, T) per-token weights of the content's own tokens
-    token_v: torch.Tensor
-    channel_k: torch.Tensor    # (A, L, H, D) per-channel weights of the template piece after it
-    channel_v: torch.Tensor
-    packed: torch.Tensor       # (A, 2T + 2LHD): the four above back to back (they are views)
-
-
-def set_weights(matches: list[Match], tokens: int, temperature: float = 1.0) -> AnchorWeights:
-    """One stack and one softmax over the anchor axis of the packed distance rows."""
-    packed = softmax_weights(torch.stack([m.packed for m in matches]), temperature)
-    return AnchorWeights(*unpack(packed, tokens, matches[0].pf_k.shape), packed)
-
-
-def unpack(packed: torch.Tensor, tokens: int, channel_shape) -> tuple[torch.Tensor, ...]:
-    """(..., 2T + 2LHD) -> views ph_k, ph_v (..., T), pf_k, pf_v (..., L, H, D)."""
-    lead, size = packed.shape[:-1], (packed.shape[-1] - 2 * tokens) // 2
-    ph_k, ph_v, pf_k, pf_v = packed.split([tokens, tokens, size, size], dim=-1)
-    return ph_k, ph_v, pf_k.view(*lead, *channel_shape), pf_v.view(*lead, *channel_shape)
-
-
-def reference_match(kv: StoredKV, embs: list, dtype: str = "float32"):
-    """Distances of stored block ``kv`` (T tokens) to anchor embeddings ``embs`` (each >= T long):
-    ph_k, ph_v (A, T), pf_k, pf_v (A, L, H, D), gate_v (A,). The meaning of every matcher
-    (``kernels.distances.anchor_distances`` computes the same from pool slots)."""
-    t, k, v = kv.length, kv.k, kv.v
-    heads_k = torch.stack([e.k[:, :t] for e in embs])
-    heads_v = torch.stack([e.v[:, :t] for e in embs])
-    tails_k = torch.stack([e.k[:, e.length - t:] for e in embs])
-    tails_v = torch.stack([e.v[:, e.length - t:] for e in embs])
-    return (placeholder_distances(k, heads_k, dtype), placeholder_distances(v, heads_v, dtype),
-            prefix_distances(k, tails_k, dtype), prefix_distances(v, tails_v, dtype),
-            gate_distances(v, heads_v, dtype))
 
 
 @dataclass
@@ -136,69 +68,38 @@ class Fallback:
     learn: list[str] = field(default_factory=list)   # placeholders whose anchors the dense run feeds
 
 
-MAX_WEIGHT_SETS = 8        # softmax weights kept per content (distinct anchor sets)
-
-
-class MatchCache:
-    """The byte budget of what contents cache outside the KV pool (their distances to anchors
-    and their softmax weights), shared by every namespace of a server. Over budget, the least
-    recently used contents lose both caches; a later plan computes them again. ``used`` can
-    exceed the budget only by the caches of the one content being updated."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget, self.used = budget_bytes, 0
-        self.entries: OrderedDict[int, tuple[Content, int]] = OrderedDict()   # LRU first
-        self.dropped = 0                                    # contents whose caches were dropped
-
-    def update(self, content: Content, used: bool = True) -> None:
-        """``content``'s caches changed, or were used (``used``: it becomes the most recent)."""
-        key = id(content)
-        old = self.entries.get(key)
-        self.used -= old[1] if old is not None else 0
-        if content.cache_nbytes:
-            self.entries[key] = (content, content.cache_nbytes)   # a known key keeps its place
-            if used:
-                self.entries.move_to_end(key)
-            self.used += content.cache_nbytes
-        elif old is not None:
-            del self.entries[key]
-        while self.used > self.budget and len(self.entries) > 1:
-            oldest = next(iter(self.entries))
-            if oldest == key:
-                self.entries.move_to_end(key)
-                oldest = next(iter(self.entries))
-            victim, size = self.entries.pop(oldest)
-            self.used -= size
-            victim.matches, victim.weights, victim.cache_nbytes = {}, {}, 0
-            self.dropped += 1
-
-    def forget(self, content: Content) -> None:
-        old = self.entries.pop(id(content), None)
-        if old is not None:
-            self.used -= old[1]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class KVCommState:
+    """One workflow: its messages' base KV (``contents``) and its plans. The templates and the
+    anchor pools are its application's (``app``), shared with the application's other
+    workflows; a state made without one has an application of its own."""
+
     def __init__(self, config: KVCommConfig, rope: RopeSpec, namespace: str = "",
-                 make_kv=StoredKV, on_evict=None, matcher=None, cache: MatchCache | None = None):
-        """``make_kv(k, v, positions)`` builds every stored block (default: plain tensors);
-        ``on_evict(anchor)`` is told of every anchor the pools drop; ``matcher(kv, embs)`` returns
-        ``reference_match``'s five tensors (default: ``reference_match``); ``cache`` bounds the
-        contents' distances and weights (default: this state's own, ``match_cache_bytes``)."""
+                 make_kv=StoredKV, on_evict=None, matcher=None, cache: MatchCache | None = None,
+                 app: ApplicationState | None = None):
+        """``make_kv(k, v, positions)`` builds the workflow's stored blocks (default: plain
+        tensors); ``on_evict(anchor)`` is told of every anchor the pools drop (own application
+        only); ``matcher(kv, embs)`` returns ``reference_match``'s five tensors (default:
+        ``reference_match``); ``cache`` bounds the contents' distances and weights (default:
+        this state's own, ``match_cache_bytes``)."""
         self.config, self.rope, self.namespace = config, rope, namespace
         self.make_kv = make_kv
         self.matcher = matcher
         self.cache = cache if cache is not None else MatchCache(config.match_cache_bytes)
-        self.on_evict = on_evict
-        self.templates: dict[str, AgentTemplate] = {}
+        self.app = app if app is not None else ApplicationState(config, rope, namespace, make_kv,
+                                                                on_evict)
+        self.app.workflows.add(self)
         self.contents: dict[str, Content] = {}
-        self.anchors = AnchorRegistry(config, self._anchor_evicted)
 
-    def _anchor_evicted(self, anchor) -> None:
+    @property
+    def templates(self) -> dict[str, AgentTemplate]:
+        return self.app.templates
+
+    @property
+    def anchors(self):
+        return self.app.anchors
+
+    def anchor_evicted(self, anchor) -> None:
+        """The application dropped ``anchor``: forget the contents' distances to it."""
         for content in self.contents.values():
             match = content.matches.pop(anchor.key, None)
             if match is not None:
@@ -206,8 +107,6 @@ class KVCommState:
                 content.cache_nbytes -= match.nbytes + sum(
                     _nbytes(content.weights.pop(k).packed) for k in gone)
                 self.cache.update(content, used=False)
-        if self.on_evict is not None:
-            self.on_evict(anchor)
 
     # ---- storage ----
     def store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> StoredKV:
@@ -218,26 +117,14 @@ class KVCommState:
 
     def register_template(self, agent: str, piece_ids, placeholders, k: torch.Tensor,
                           v: torch.Tensor, piece_spans) -> AgentTemplate:
-        """Template pass KV (L, N, H, D) over x0 s1 x1 ... (stand-ins); piece_spans: x_i spans."""
-        if len(piece_ids) != len(placeholders) + 1 or len(piece_spans) != len(piece_ids):
-            raise ValueError("a template needs n+1 text pieces and spans for n placeholders")
-        pieces = []
-        for ids, (s, e) in zip(piece_ids, piece_spans):
-            if e - s != len(ids) or s < 0 or e > k.shape[1]:
-                raise ValueError(f"template piece span ({s}, {e}) does not fit {len(ids)} ids "
-                                 f"in {k.shape[1]} template tokens")
-            pieces.append(self.store(k[:, s:e], v[:, s:e], torch.arange(s, e)))
-        template = AgentTemplate(agent, [tuple(map(int, p)) for p in piece_ids], list(placeholders),
-                                 pieces)
-        self.templates[agent] = template
-        return template
+        return self.app.register_template(agent, piece_ids, placeholders, k, v, piece_spans)
 
     def register_content(self, placeholder: str, token_ids, k: torch.Tensor, v: torch.Tensor,
                          positions: torch.Tensor) -> Content:
         """A new shared segment: store its base KV and predict whether anchors can vouch for it."""
         if len(token_ids) != k.shape[1]:
             raise ValueError(f"{len(token_ids)} content ids but {k.shape[1]} KV tokens")
-        key = segment_key(token_ids, self.namespace + "|" + placeholder)
+        key = segment_key(token_ids, self.app.key + "|" + placeholder)
         pool = self.anchors.pool(placeholder)
         cfg = self.config
         content = Content(key, placeholder, tuple(map(int, token_ids)), self.store(k, v, positions))
@@ -335,6 +222,9 @@ class KVCommState:
         learn, reason = [], None
         if any(not self._content(content_keys[ph]).token_ids for ph in template.placeholders):
             return Fallback("empty_content")
+        if self.config.position_only:         # the baseline: every piece re-rotated, uncorrected
+            return ReusePlan(agent, layout, [PiecePlan(p.kind, p.placeholder, self._source(
+                template, p, content_keys), p.start) for p in layout.pieces[1:]])
         for ph in template.placeholders:
             content = self._content(content_keys[ph])
             anchor = self.anchors.pool(ph).anchors.get(content.key)
@@ -354,6 +244,11 @@ class KVCommState:
                 content = self._content(content_keys[piece.placeholder])
                 pieces.append(self._plan_template(agent, piece, template, content, pieces[-1]))
         return ReusePlan(agent, layout, pieces)
+
+    def _source(self, template: AgentTemplate, piece, content_keys) -> StoredKV:
+        if piece.kind == "content":
+            return self._content(content_keys[piece.placeholder]).kv
+        return template.pieces[piece.index]
 
     def _plan_content(self, agent, piece, key) -> PiecePlan:
         content = self._content(key)
@@ -451,9 +346,9 @@ class KVCommState:
             dev_content, emb = self._deviation(content.kv, piece.start, real_k, real_v)
             dev_template, _ = self._deviation(template.pieces[after.index], after.start, real_k,
                                               real_v)
-            pool = self.anchors.pool(piece.placeholder)
-            evicted += [(piece.placeholder, k) for k in pool.add(
-                content.key, emb, agent, Deviation(dev_content, dev_template))]
+            evicted += [(piece.placeholder, k) for k in self.app.add_anchor(
+                piece.placeholder, content.key, content.kv, agent,
+                Deviation(dev_content, dev_template), emb)]
         evicted += self.anchors.enforce_budget()
         changed = set(learn) | {ph for ph, _ in evicted}
         for content in list(self.contents.values()):
@@ -462,28 +357,26 @@ class KVCommState:
         return evicted
 
     def _deviation(self, source: StoredKV, start: int, real_k, real_v):
-        """-> (deviation block real - base, the anchor embedding block of ``source``)."""
-        n = source.length
+        """-> (deviation block real - base, the official frame's anchor embedding block of
+        ``source`` or None: de-rotated, the embedding is the stored base itself), both made in
+        the application's blocks."""
+        n, make = source.length, self.app.make_kv
         dst = torch.arange(start, start + n)
         rk, rv = real_k[:, start:start + n], real_v[:, start:start + n]
         base_k, base_v = source.k, source.v
-        if self.config.derotated_storage:   # de-rotated: the embedding is the stored base itself
-            dev = self.make_kv(rotate(rk, -dst, self.rope) - base_k, rv - base_v,
-                               torch.zeros_like(dst))
-            return dev, source
+        if self.config.derotated_storage:
+            return make(rotate(rk, -dst, self.rope) - base_k, rv - base_v,
+                        torch.zeros_like(dst)), None
         base_k = source.keys_at(dst, self.rope)
-        return self.make_kv(rk - base_k, rv - base_v, dst), self.make_kv(base_k, base_v, dst)
+        return make(rk - base_k, rv - base_v, dst), make(base_k, base_v, dst)
 
     def forget_consumer(self, agent: str) -> None:
-        """``agent``'s template changed: the deviations learned under the old one no longer
-        describe its prompts; its anchors learn again from its next dense prefills."""
-        for pool in self.anchors.pools.values():
-            for anchor in pool.anchors.values():
-                anchor.deviations.pop(agent, None)
+        self.app.forget_consumer(agent)
 
     def release_caches(self) -> None:
-        """Give every content's distances and weights back to the shared budget (the namespace
-        is going away)."""
+        """Give every content's distances and weights back to the shared budget (the workflow
+        is going away; its application no longer tells it of evicted anchors)."""
+        self.app.workflows.discard(self)
         for content in self.contents.values():
             self.cache.forget(content)
             content.matches, content.weights, content.cache_nbytes = {}, {}, 0

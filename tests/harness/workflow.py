@@ -15,6 +15,7 @@ separately, so dropping the context tokens cuts exactly at the question.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,15 +68,32 @@ class QuestionBase:
         return len(self.context_ids)
 
 
+# The judge (an extra agent after the three, spec-free): shown the Solver's and the Checker's
+# answers, it picks one. Judge consistency = the same pick as under dense prefill.
+JUDGE = AgentRole("Judge", "You are a fair judge. Two agents answered the task. Decide which "
+                           "answer is right and reply with its agent number only.")
+JUDGE_READS = (0, 1)
+JUDGE_INSTRUCTION = "\nWhich answer is right, Agent 0 or Agent 1? Reply with the number only."
+
+
 def user_template(k: int) -> str:
     """The user message of agent k, with placeholders for the question and agents 0..k-1."""
     if not 0 <= k < len(AGENTS):
         raise ValueError(f"agent index {k} out of range 0..{len(AGENTS) - 1}")
+    return _user_text(range(k), "\nGive your final answer briefly.")
+
+
+def judge_user_template() -> str:
+    """The judge's user message: the question and the answers of agents ``JUDGE_READS``."""
+    return _user_text(JUDGE_READS, JUDGE_INSTRUCTION)
+
+
+def _user_text(reads, instruction: str) -> str:
     parts = [f"{QUESTION_LEAD_IN}{{user_question}}\n"]
-    for x in range(k):
+    for x in reads:
         parts.append(f"\nAgent {x}, role is {AGENTS[x].name}, output is:\n"
                      f"{{agent_{x}_current}}\n")
-    parts.append("\nGive your final answer briefly.")
+    parts.append(instruction)
     return "".join(parts)
 
 
@@ -85,13 +103,24 @@ def render_template(render_chat: Callable[[str, str], str], k: int) -> str:
     return render_chat(AGENTS[k].system, user_template(k))
 
 
-def agent_templates(render_chat: Callable[[str, str], str], encode: Encode) -> list[AgentTemplate]:
-    """The tokenized templates of all agents, in execution order (core ``split_template``)."""
+def agent_templates(render_chat: Callable[[str, str], str], encode: Encode,
+                    judge: bool = False) -> list[AgentTemplate]:
+    """The tokenized templates of all agents, in execution order (core ``split_template``);
+    ``judge``: the judge last, as agent ``len(AGENTS)``."""
+    texts = [render_template(render_chat, k) for k in range(len(AGENTS))]
+    if judge:
+        texts.append(render_chat(JUDGE.system, judge_user_template()))
     out = []
-    for k in range(len(AGENTS)):
-        texts, names = split_template(render_template(render_chat, k))
-        out.append(AgentTemplate(str(k), tuple(tuple(encode(t)) for t in texts), tuple(names)))
+    for k, text in enumerate(texts):
+        pieces, names = split_template(text)
+        out.append(AgentTemplate(str(k), tuple(tuple(encode(t)) for t in pieces), tuple(names)))
     return out
+
+
+def judge_pick(text: str) -> str:
+    """The agent the judge picked: "0" or "1" (the first of them named), "none" otherwise."""
+    match = re.search(r"(?<![0-9])([01])(?![0-9])", text)
+    return match.group(1) if match else "none"
 
 
 def stand_in_text(name: str) -> str:
