@@ -4,7 +4,8 @@ checks every request gets at the HTTP edge.
 A request carries its KVCOMM actions as ONE JSON string in
 ``sampling_params.custom_params["kvcomm"]`` (SGLang 0.5.17 passes custom_params unchanged to
 the scheduler; its values must be JSON scalars) and its workflow namespace in ``extra_key``:
-``kvcomm:`` + the workflow's secret id (NAMESPACE_RE). Pure Python: shared by the server
+``kvcomm:`` + the workflow's secret id, optionally behind its application's secret id and a
+dot (NAMESPACE_RE). Pure Python: shared by the server
 (validation at the HTTP edge, planning in the scheduler) and the frontend (encoding). Every
 check raises ValueError with a short ASCII reason (the server sends it back as HTTP 400).
 """
@@ -20,7 +21,8 @@ from kvcomm_sglang.segments import parse_placeholder
 VERSION = 1
 CUSTOM_PARAMS_KEY = "kvcomm"
 NAMESPACE_PREFIX = "kvcomm:"
-NAMESPACE_RE = re.compile(r"kvcomm:[A-Za-z0-9_-]{22,128}")     # whole extra_key (fullmatch)
+# whole extra_key (fullmatch): kvcomm:<workflow id> or kvcomm:<application id>.<workflow id>
+NAMESPACE_RE = re.compile(r"kvcomm:(?:([A-Za-z0-9_-]{22,128})\.)?([A-Za-z0-9_-]{22,128})")
 MAX_EXTRA_KEY_BYTES = 4096          # any extra_key, KVCOMM or not
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_DEPTH = 4                       # the envelope is 3 deep: object > layout > piece
@@ -118,13 +120,27 @@ def validate(hints: Hints, num_input_ids: int, extra_key) -> None:
 
 
 def validate_namespace(extra_key) -> str:
-    """A KVCOMM namespace: extra_key = 'kvcomm:' + the workflow's secret id, 22 to 128
-    characters of [A-Za-z0-9_-] (secrets.token_urlsafe(16) makes 22). Returns it."""
+    """A KVCOMM namespace: extra_key = 'kvcomm:' + the workflow's secret id, or 'kvcomm:' +
+    the application's secret id + '.' + the workflow's; each id 22 to 128 characters of
+    [A-Za-z0-9_-] (secrets.token_urlsafe(16) makes 22). Returns it."""
     if not (isinstance(extra_key, str) and NAMESPACE_RE.fullmatch(extra_key)):
-        raise ValueError(f"a KVCOMM request needs extra_key '{NAMESPACE_PREFIX}<workflow id>' "
-                         "(its namespace; the id is 22 to 128 characters of [A-Za-z0-9_-]), got "
+        raise ValueError(f"a KVCOMM request needs extra_key '{NAMESPACE_PREFIX}<workflow id>' or "
+                         f"'{NAMESPACE_PREFIX}<application id>.<workflow id>' (its namespace; each "
+                         "id is 22 to 128 characters of [A-Za-z0-9_-]), got "
                          f"{_show(extra_key)}")
     return extra_key
+
+
+def split_namespace(extra_key: str) -> tuple[str, str]:
+    """A namespace -> (application id, workflow id). A namespace without an application is an
+    application of its own: its application id is its workflow id. Names that are not
+    ``NAMESPACE_RE`` (the server's own tests use short ones) are one workflow, one application."""
+    match = NAMESPACE_RE.fullmatch(extra_key)
+    if match is None:
+        name = extra_key.removeprefix(NAMESPACE_PREFIX)
+        return name, name
+    application, workflow = match.groups()
+    return application or workflow, workflow
 
 
 def validate_extra_key(extra_key) -> None:
