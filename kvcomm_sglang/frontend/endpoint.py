@@ -20,9 +20,8 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.chat_template import get_chat_template
 
 from kvcomm_sglang import protocol
-from kvcomm_sglang.frontend.prompt import (STAND_IN, Message, Segmented, Unexpressible,
-                                           argument_placeholder, name_placeholders, segment,
-                                           shape_key)
+from kvcomm_sglang.prompt import (STAND_IN, Message, Segmented, Unexpressible,
+                                  argument_placeholder, name_placeholders, segment, shape_key)
 from kvcomm_sglang.frontend.scope import CallRecord, Workflow, current_workflow
 
 SERVE_FIX = ("start it with `kvcomm-sglang serve --device cpu` (or `python -m sglang.launch_server "
@@ -148,7 +147,7 @@ class KVCommEndpoint(RuntimeEndpoint):
         message = None
         if ids is not None and len(text) >= wf.min_message_chars:
             message = wf.add_message(text, ids, call["role"], f"agent_{call['role']}_current",
-                                     message_id=capture_id)
+                                     message_id=capture_id, agent=call["agent"])
         record = _record(call, ttft, meta, wf.mode, text, message)
         if call["layout"]:
             wf.forget(record.fallback_reason, call["agent"], call["messages"])

@@ -25,7 +25,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
-from kvcomm_sglang.frontend.prompt import Message
+from kvcomm_sglang.prompt import Message
 
 MODES = ("kvcomm", "dense")
 SHARED_ARGS = ("question", "user_question", "query", "task", "q", "context", "passages",
@@ -100,10 +100,12 @@ class Workflow:
             return agent
 
     def add_message(self, text: str, ids, role: int | None, placeholder: str,
-                    prefix: str = "m", message_id: str | None = None) -> Message:
+                    prefix: str = "m", message_id: str | None = None,
+                    agent: str | None = None) -> Message:
         with self.lock:
             seq = self.next_seq()
-            message = Message(message_id or f"{prefix}{seq}", text, tuple(ids), role, placeholder, seq)
+            message = Message(message_id or f"{prefix}{seq}", text, tuple(ids), role, placeholder,
+                              seq, agent)
             self.messages[text] = message
             if role is not None:
                 self.produced.append(message)

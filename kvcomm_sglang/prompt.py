@@ -1,9 +1,10 @@
 """Find registered messages inside a prompt string and turn it into a KVCOMM layout.
 
-Pure Python (no SGLang, no HTTP). A *message* is text whose exact token ids the client knows:
-an earlier generation's output (``role`` = its producer) or a program argument such as the user
-question (``role`` None, computed by a base request). ``segment`` cuts a prompt into template
-text and message occurrences; ``name_placeholders`` names each occurrence for the consumer.
+Pure Python (no SGLang, no HTTP). A *message* is text whose exact token ids are known: an
+earlier generation's output (``role`` = its producer) or shared input such as the user question
+(``role`` None, computed by a base request). ``segment`` cuts a prompt into template text and
+message occurrences; ``name_placeholders`` names each occurrence for the consumer. Shared by
+``KVCommEndpoint`` (client side) and the server's auto mode (``runtime_patch/auto_*.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Message:
     role: int | None              # producer role index; None: a program argument (base message)
     placeholder: str              # base: its placeholder; generated: the capture placeholder
     seq: int                      # creation order in the workflow
+    agent: str | None = None      # generated: the producer's agent id (its role and prompt shape)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,10 @@ def segment(text: str, messages, min_chars: int = 12) -> Segmented:
 def name_placeholders(found: Segmented, consumer_role: int) -> tuple[str, ...]:
     """Placeholder per occurrence: a base message keeps its own; a generated message of another
     role is ``agent_<n>_current`` (newest) / ``agent_<n>_history`` (the one before); the
-    consumer's own earlier message is ``agent_<n>_history``. Raises Unexpressible when a name
-    would repeat (v1 allows each placeholder once per layout)."""
+    consumer's own earlier message is ``agent_<n>_history``. A role with more messages than
+    that in one prompt (forks of one role prefix, each with its own instruction) is named per
+    producing agent instead: ``agent_<n>x<k>_current`` for agent id ``n.k``. Raises
+    Unexpressible when a name would still repeat (v1 allows each placeholder once per layout)."""
     by_role: dict[int, list[Message]] = {}
     for message in found.messages:
         if message.role is not None:
@@ -79,14 +83,26 @@ def name_placeholders(found: Segmented, consumer_role: int) -> tuple[str, ...]:
     for role, group in by_role.items():
         kinds = ["history"] if role == consumer_role else ["current", "history"]
         newest_first = sorted({m.id: m for m in group}.values(), key=lambda m: -m.seq)
-        if len(newest_first) > len(kinds):
-            raise Unexpressible(f"{len(newest_first)} messages of agent {role} in one prompt")
-        for message, kind in zip(newest_first, kinds):
-            names_of[message.id] = f"agent_{role}_{kind}"
+        if len(newest_first) <= len(kinds):
+            names_of.update(_kind_names(newest_first, str(role), kinds))
+            continue
+        by_agent: dict[str, list[Message]] = {}
+        for message in newest_first:
+            by_agent.setdefault(message.agent or str(role), []).append(message)
+        for agent, messages in by_agent.items():
+            if len(messages) > 2:
+                raise Unexpressible(f"{len(messages)} messages of agent {agent} in one prompt")
+            names_of.update(_kind_names(messages, agent.replace(".", "x"), ["current", "history"]))
     names = tuple(names_of.get(m.id, m.placeholder) for m in found.messages)
     if len(set(names)) != len(names):
         raise Unexpressible(f"a placeholder would appear twice: {list(names)}")
     return names
+
+
+def _kind_names(newest_first: list[Message], owner: str, kinds: list[str]) -> dict[str, str]:
+    if len(newest_first) > len(kinds):
+        raise Unexpressible(f"{len(newest_first)} messages of agent {owner} in one prompt")
+    return {m.id: f"agent_{owner}_{kind}" for m, kind in zip(newest_first, kinds)}
 
 
 def shape_key(found: Segmented, names: tuple[str, ...]) -> tuple:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kvcomm_sglang.frontend.prompt import (Message, Unexpressible, argument_placeholder,
-                                           name_placeholders, segment)
+from kvcomm_sglang.prompt import (Message, Unexpressible, argument_placeholder,
+                                  name_placeholders, segment)
 
 Q = Message("u1", "What is the capital of France?", (1, 2, 3), None, "user_question", 1)
 A0 = Message("m2", "The capital is Paris, of course.", (4, 5), 0, "agent_0_current", 2)
@@ -29,8 +29,9 @@ def test_placeholders_current_history_and_own():
         "user_question", "agent_0_history", "agent_0_current")
     own = segment(f"a {Q.text} b {A0.text} d", [Q, A0])
     assert name_placeholders(own, consumer_role=0) == ("user_question", "agent_0_history")
-    with pytest.raises(Unexpressible):
-        name_placeholders(found, consumer_role=0)      # two own messages: one history slot
+    # two own messages overflow the one history slot: named per producing agent instead
+    assert name_placeholders(found, consumer_role=0) == (
+        "user_question", "agent_0_history", "agent_0_current")
 
 
 def test_argument_placeholders():
@@ -43,3 +44,17 @@ def test_two_messages_with_the_same_text_fill_its_occurrences_oldest_first():
     found = segment(f"a {Q.text} b {A0.text} c {A0.text} d", [Q, twin, A0])
     assert [m.id for m in found.messages] == ["u1", "m2", "m5"]
     assert name_placeholders(found, 2) == ("user_question", "agent_0_current", "agent_1_current")
+
+
+def test_forks_of_one_role_are_named_per_producing_agent():
+    forks = [Message(f"m{i}", f"Fork {i} says the answer is {i}.", (i,), 0, "agent_0_current",
+                     10 + i, agent) for i, agent in enumerate(["0", "0.1", "0.2"])]
+    text = f"a {Q.text} b {forks[0].text} c {forks[1].text} d {forks[2].text} e"
+    found = segment(text, [Q, *forks])
+    assert name_placeholders(found, consumer_role=0) == (
+        "user_question", "agent_0_current", "agent_0x1_current", "agent_0x2_current")
+    again = Message("m20", "Fork 1 said something else.", (9,), 0, "agent_0_current", 20, "0.1")
+    third = Message("m21", "Fork 1 said a third thing.", (8,), 0, "agent_0_current", 21, "0.1")
+    text = f"a {forks[1].text} b {again.text} c {third.text} d {forks[0].text} e"
+    with pytest.raises(Unexpressible, match="3 messages of agent 0.1"):
+        name_placeholders(segment(text, [*forks, again, third]), consumer_role=1)
