@@ -42,6 +42,10 @@ class KVCommConfig:
                                        # it, it evicts its own state only (docs/isolation.md)
     max_namespaces: int = 1024         # live namespaces; a new one replaces only an idle one
     namespace_idle_s: float = 300.0    # a namespace unused this long may be replaced
+    max_applications: int = 1024       # live applications (a namespace without one is its own);
+                                       # a new one replaces only an unused, idle one
+    anchor_save_interval_s: float = 60.0  # with --kvcomm-anchor-path: a changed application is
+                                       # saved when the server is idle, and at least this often
     debug_invariants: bool = False     # check ownership, exactness and budgets after every
                                        # batch; violations count in /metrics (tests turn it on)
     recompute_last: int = 1            # prompt tokens recomputed in reuse mode (official: 1)
@@ -75,6 +79,10 @@ class KVCommConfig:
         _require(0.0 < self.namespace_quota_fraction <= 1.0,
                  f"namespace_quota_fraction must be in (0, 1], got {self.namespace_quota_fraction}")
         _require(self.max_namespaces >= 1, f"max_namespaces must be >= 1, got {self.max_namespaces}")
+        _require(self.max_applications >= 1,
+                 f"max_applications must be >= 1, got {self.max_applications}")
+        _require(self.anchor_save_interval_s >= 0,
+                 f"anchor_save_interval_s must be >= 0, got {self.anchor_save_interval_s}")
         _require(self.namespace_idle_s >= 0,
                  f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
         _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")

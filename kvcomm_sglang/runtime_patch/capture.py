@@ -1,38 +1,46 @@
-"""What a finished KVCOMM request leaves behind: its agent's template, its message's base KV,
-the anchors its dense prefill observed, and its output as a message (DESIGN §3 step 4).
+"""What a finished KVCOMM request leaves behind: its agent's template and the anchors its dense
+prefill observed (its application's), its message's base KV and its output as a message (its
+workflow's) (DESIGN §3 step 4).
 
 Runs in ``cache_finished_req`` before SGLang frees the request's slots, inside the namespace's
-``building`` scope: blocks made here and not attached to the namespace's state (a capture that
-failed half-way, a replaced template) are freed by the sweep that follows.
+and the application's ``building`` scopes: blocks made here and not attached to their owner's
+state (a capture that failed half-way) are freed by the sweeps that follow.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcomm_sglang.application import template_key
+
 
 def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
     ids, n = list(req.origin_input_ids), len(req.origin_input_ids)
-    if hints.template or hints.base or decision.learn:
+    template = new_template(ns, hints, ids) if hints.template else None
+    if template or hints.base or decision.learn:
         k, v = runtime.gather(req, 0, n)
-        if hints.template:
-            register_template(ns, hints, ids, k, v)
+        if template:
+            key, piece_ids, names, spans = template
+            ns.app.state.register_template(key, piece_ids, names, k, v, spans)
+            ns.app.version += 1
         if hints.base:
             message, placeholder, drop = hints.base
             content = ns.state.register_content(placeholder, ids[drop:], k[:, drop:],
                                                 v[:, drop:], torch.arange(drop, n))
             ns.bind(message, content.key)
         if decision.learn and all(key in ns.state.contents for key in decision.keys.values()) \
-                and decision.agent in ns.state.templates:
-            ns.state.record(hints.agent, decision.keys, decision.learn, k, v)
-            ns.version += 1
+                and decision.template in ns.app.state.templates:
+            ns.state.record(decision.template, decision.keys, decision.learn, k, v)
+            ns.app.version += 1
     if hints.capture:
         capture_output(runtime, ns, hints, req, n, kv_len)
 
 
-def register_template(ns, hints, ids, k, v) -> None:
-    """The template pass: its pieces' KV. A re-registered template with other pieces makes the
-    anchors learned under the old one meaningless: they are dropped with it."""
+def new_template(ns, hints, ids):
+    """A template pass's (key, piece ids, placeholders, piece spans), or None when the
+    application holds that template already (found by its tokens: a new workflow's pass adds
+    nothing, and the deviations learned under it stay). An agent whose template changed is a
+    new template, without deviations."""
     spans, piece_ids, names, pos = [], [], [], 0
     for piece in hints.layout:
         if piece.kind == "template":
@@ -41,11 +49,8 @@ def register_template(ns, hints, ids, k, v) -> None:
         else:
             names.append(piece.placeholder)
         pos += piece.length
-    old = ns.state.templates.get(hints.agent)
-    ns.state.register_template(hints.agent, piece_ids, names, k, v, spans)
-    if old is not None and (old.piece_ids != piece_ids or old.placeholders != names):
-        ns.state.forget_consumer(hints.agent)
-    ns.version += 1
+    key = template_key(piece_ids, names)
+    return None if key in ns.app.state.templates else (key, piece_ids, names, spans)
 
 
 def capture_output(runtime, ns, hints, req, n: int, kv_len: int) -> None:

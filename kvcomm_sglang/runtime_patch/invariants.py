@@ -4,11 +4,13 @@ proves what the design promises, and counts each violation in ``/metrics``
 
 * ``ownership``: every store slot belongs to exactly one live block of the ledger; the store's
   token counts match its blocks; no store slot is free in the allocator or held by the tree.
-* ``leak``: no ledger block is unreachable from its namespace's state and live decisions
-  (``leaked_slots``); ``lost``: nothing the state reaches was freed (``lost_anchors``).
+* ``leak``: no ledger block is unreachable from its owner's state (a namespace's or an
+  application's) and live decisions (``leaked_slots``); ``lost``: nothing an owner's state
+  reaches was freed or is owned by another (``lost_anchors``: anchors of an application whose
+  blocks are not all its own).
 * ``exactness``: every tree node holding approximate slots is marked, and no live request
   that did not opt in holds an approximate slot in its row.
-* ``budget``: the store within its budget, every namespace within its quota.
+* ``budget``: the store within its budget, every namespace and application within its quota.
 * ``pool`` (idle only): free + tree + store slots = the pool.
 """
 
@@ -18,6 +20,8 @@ import logging
 from collections import Counter
 
 import numpy as np
+
+from kvcomm_sglang.runtime_patch.applications import Application
 
 logger = logging.getLogger(__name__)
 CHECKS = ("ownership", "leak", "lost", "exactness", "budget", "pool")
@@ -79,24 +83,26 @@ class InvariantChecker:
 
     def _reachability(self) -> list:
         runtime, store, out = self.runtime, self.runtime.store, []
-        self.leaked_slots = sum(b.length for o in store.ledger if o not in runtime.namespaces
+        holders = runtime.namespaces.holders()
+        self.leaked_slots = sum(b.length for o in store.ledger if o not in holders
                                 for b in store.blocks(o))
         self.lost_anchors = 0
-        for ns in runtime.namespaces.values():
-            reach = ns.reachable()
+        for holder in holders.values():
+            reach = holder.reachable()
             pinned = set().union(*(runtime.decision_blocks(d) for d in runtime.decisions.values()
-                                   if d.ns is ns))
-            ledger = store.ledger.get(ns.name, {})
+                                   if d.ns is not None and holder in (d.ns, d.ns.app)))
+            ledger = store.ledger.get(holder.owner, {})
             self.leaked_slots += sum(b.length for i, b in ledger.items()
                                      if i not in reach | pinned)
-            self.lost_anchors += sum(1 for pool in ns.state.anchors.pools.values()
-                                     for a in pool.anchors.values()
-                                     if not _anchor_blocks(a) <= set(ledger))
+            if isinstance(holder, Application):
+                self.lost_anchors += sum(1 for pool in holder.state.anchors.pools.values()
+                                         for a in pool.anchors.values()
+                                         if not _anchor_blocks(a) <= set(ledger))
             if not reach <= set(ledger):
-                out.append(("lost", f"{ns.name}: {len(reach - set(ledger))} blocks its state "
-                            "reaches were freed"))
+                out.append(("lost", f"{holder.owner}: {len(reach - set(ledger))} blocks its "
+                            "state reaches were freed or are not its own"))
         if self.leaked_slots:
-            out.append(("leak", f"{self.leaked_slots} store slots no namespace reaches"))
+            out.append(("leak", f"{self.leaked_slots} store slots no owner reaches"))
         return out
 
     def _exactness(self, live_reqs) -> list:
@@ -121,7 +127,7 @@ class InvariantChecker:
             out.append(("budget", f"store holds {store.tokens} > {store.max_tokens} tokens"))
         over = [o for o, n in store.usage.items() if n > store.quota_tokens]
         if over:
-            out.append(("budget", f"namespaces over their quota: {over}"))
+            out.append(("budget", f"namespaces or applications over their quota: {over}"))
         return out
 
     def _pool(self) -> list:

@@ -1,16 +1,19 @@
 """Workflow namespaces: what each workflow owns, how many exist, and who gives room when the
 segment store is full (docs/isolation.md).
 
-A namespace (the request's ``extra_key``, ``kvcomm:<workflow secret>``) owns its agents'
-templates, its messages' base KV and its anchors, all in store blocks owned by its name. Its
-blocks live while its state reaches them or a live request's decision pins them
-(``Namespace.reachable``); every change ends with a sweep that frees the rest. Bounds:
+A namespace (the request's ``extra_key``, ``kvcomm:<workflow secret>`` or
+``kvcomm:<application secret>.<workflow secret>``) owns its messages' base KV, in store blocks
+owned by its name; its agents' templates and the anchors are its application's
+(``applications.py``), shared with the application's other workflows. A block lives while its
+owner's state reaches it or a live request's decision pins it (``reachable``); every change
+ends with a sweep that frees the rest. Bounds:
 * at most ``max_namespaces``; a new one replaces only a namespace idle for
   ``namespace_idle_s`` and pinned by no request, else the request computes densely
   (``namespace_limit``): flooding namespaces cannot wipe active workflows;
-* a namespace holds at most its quota of store tokens: over it, it evicts its own state only;
-* when the whole store is full, the namespace holding the most gives room first, so a
-  workflow within its fair share is the last to lose anything.
+* a namespace (and an application) holds at most its quota of store tokens: over it, it evicts
+  its own state only;
+* when the whole store is full, the holder (namespace or application) holding the most gives
+  room first, so one within its fair share is the last to lose anything.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ import time
 from collections import OrderedDict
 
 from kvcomm_sglang.planner import KVCommState
+from kvcomm_sglang.protocol import split_namespace
 
 
 class Namespace:
-    def __init__(self, name: str, runtime):
-        self.name, self.runtime = name, runtime
+    def __init__(self, name: str, runtime, app):
+        self.name, self.runtime, self.app = name, runtime, app
+        self.owner = name
         self.state = KVCommState(runtime.config, runtime.rope, name,
                                  make_kv=functools.partial(runtime.store.make, owner=name),
-                                 on_evict=self._anchor_evicted, matcher=runtime.matcher,
-                                 cache=runtime.match_cache)
+                                 matcher=runtime.matcher, cache=runtime.match_cache,
+                                 app=app.state)
         self.messages: OrderedDict[str, str] = OrderedDict()     # message id -> content key
         self.version = 0
         self.last_used = time.monotonic()
+        self.dropped = False            # dropped: its blocks live only while requests pin them
 
     def bind(self, message: str, key: str) -> None:
         old = self.messages.pop(message, None)
@@ -46,25 +52,14 @@ class Namespace:
             self.state.drop_content(key)
         self.version += 1
 
-    def drop_template(self, agent: str) -> None:
-        del self.state.templates[agent]
-        self.version += 1
-
-    def _anchor_evicted(self, anchor) -> None:
-        self.version += 1           # its blocks go at the next sweep, unless a plan pins them
-
     def reachable(self) -> set[int]:
-        """Ids of every store block this namespace's state holds."""
-        ids = set()
-        for template in self.state.templates.values():
-            ids.update(id(piece) for piece in template.pieces)
-        ids.update(id(content.kv) for content in self.state.contents.values())
-        for pool in self.state.anchors.pools.values():
-            for anchor in pool.anchors.values():
-                ids.add(id(anchor.emb))
-                for deviation in anchor.deviations.values():
-                    ids.update((id(deviation.content), id(deviation.template)))
-        return ids
+        """Ids of every store block this namespace's state holds (its messages' base KV)."""
+        return {id(content.kv) for content in self.state.contents.values()}
+
+    def eviction_steps(self, pinned_keys: set[str]) -> list:
+        """What gives room, in order: its least recently bound messages no live request uses."""
+        return [functools.partial(self.drop_message, m) for m in list(self.messages)
+                if self.messages[m] not in pinned_keys]
 
 
 class NamespaceTable:
@@ -94,13 +89,18 @@ class NamespaceTable:
         return list(self.items.values())
 
     def get(self, name: str, create: bool = True) -> Namespace | None:
-        """The namespace, created if allowed; None when the table is full of active ones."""
+        """The namespace, created (in its application) if allowed; None when the table, or the
+        application table, is full of active ones."""
         ns = self.items.get(name)
         if ns is None:
             if not create or (len(self.items) >= self.config.max_namespaces
                               and not self._drop_one_idle()):
                 return None
-            ns = self.items[name] = Namespace(name, self.runtime)
+            application, workflow = split_namespace(name)
+            app = self.runtime.applications.get(application, implicit=application == workflow)
+            if app is None:
+                return None
+            ns = self.items[name] = Namespace(name, self.runtime, app)
         self.items.move_to_end(name)
         ns.last_used = time.monotonic()
         return ns
@@ -118,48 +118,49 @@ class NamespaceTable:
         ns = self.items.pop(name)
         ns.state.release_caches()
         ns.version += 1
+        ns.dropped = True
         self.runtime.sweep(ns, keep_state=False)
+        apps = self.runtime.applications
+        if ns.app.implicit and ns.app.key in apps and ns.app.key not in apps.in_use():
+            apps.drop(ns.app.key)                   # an application of its own goes with it
 
     # ---- room in the store ----
+    def holders(self) -> dict:
+        """Every store owner with state: namespaces and applications, by ledger owner name."""
+        holders = {ns.owner: ns for ns in self.items.values()}
+        holders.update((app.owner, app) for app in self.runtime.applications.values())
+        return holders
+
     def make_store_room(self, owner: str, tokens: int) -> None:
         """``owner`` needs ``tokens`` more store slots: first its own quota, then the budget."""
         store = self.runtime.store
         over_quota = store.usage[owner] + tokens - store.quota_tokens
-        if over_quota > 0 and owner in self.items:
-            self.evict_within(self.items[owner], over_quota)
+        holder = self.holders().get(owner)
+        if over_quota > 0 and holder is not None:
+            self.evict_within(holder, over_quota)
         over_budget = store.tokens + tokens - store.max_tokens
         if over_budget > 0:
             self.evict_largest_first(over_budget)
 
     def evict_largest_first(self, tokens: int) -> int:
-        """Free ``tokens`` store slots, taking from the namespaces holding the most first."""
+        """Free ``tokens`` store slots, taking from the holders holding the most first."""
         usage = self.runtime.store.usage
         freed = 0
-        for name in sorted(self.items, key=lambda n: -usage[n]):
+        for holder in sorted(self.holders().values(), key=lambda h: -usage[h.owner]):
             if freed >= tokens:
                 break
-            freed += self.evict_within(self.items[name], tokens - freed)
+            freed += self.evict_within(holder, tokens - freed)
         return freed
 
-    def evict_within(self, ns: Namespace, tokens: int) -> int:
-        """Free up to ``tokens`` of ``ns``'s slots: its least recently bound messages, then
-        anchors (largest pool first), then templates; never what a live request pinned."""
+    def evict_within(self, holder, tokens: int) -> int:
+        """Free up to ``tokens`` of ``holder``'s slots (a namespace: its least recently bound
+        messages; an application: anchors, largest pool first, then templates); never what a
+        live request pinned."""
         runtime, freed = self.runtime, 0
-        keys, agents = runtime.pinned_state(ns)
-        steps = [lambda m=m: ns.drop_message(m) for m in list(ns.messages)
-                 if ns.messages[m] not in keys]
-        steps += [lambda: _evict_one_anchor(ns)] * ns.state.anchors.num_anchors
-        steps += [lambda a=a: ns.drop_template(a) for a in list(ns.state.templates)
-                  if a not in agents]
-        for step in steps:
+        keys, templates = runtime.pinned_state(holder)
+        for step in holder.eviction_steps(keys if isinstance(holder, Namespace) else templates):
             if freed >= tokens:
                 break
             step()
-            freed += runtime.sweep(ns)
+            freed += runtime.sweep(holder)
         return freed
-
-
-def _evict_one_anchor(ns: Namespace) -> None:
-    pools = [p for p in ns.state.anchors.pools.values() if len(p)]
-    if pools:
-        max(pools, key=len).evict_one()

@@ -1,10 +1,12 @@
 """KVCommRuntime: the KVCOMM state of one scheduler process, behind the radix cache.
 
-Per workflow namespace (the request's ``extra_key``) a core ``KVCommState`` holds the agents'
-templates, the messages' base KV and the anchors, all stored in the server's KV pool through
-the segment store. The runtime decides per request (reuse or dense, with a reason), builds the
+Per workflow namespace (the request's ``extra_key``) a core ``KVCommState`` holds the messages'
+base KV; per application (``applications.py``, shared by its workflows) an ``ApplicationState``
+holds the agents' templates, found by their tokens, and the anchors; all stored in the server's
+KV pool through the segment store. The runtime decides per request (reuse or dense, with a reason), builds the
 materialize plan for the reused tail, and captures templates, messages and anchors when a
-request finishes. Decisions depend only on token ids, message ids and the namespace's state.
+request finishes. Decisions depend only on token ids, message ids and the namespace's and its
+application's state.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from torch.profiler import record_function
 from kvcomm_sglang import protocol
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.kernels import materialize
+from kvcomm_sglang.application import template_key
 from kvcomm_sglang.kernels.plan import from_reuse_plan
 from kvcomm_sglang.metrics import ReuseStats
 from kvcomm_sglang.planner import Fallback, MatchCache, PiecePlan, ReusePlan, reference_match
 from kvcomm_sglang.rope import RopeSpec
+from kvcomm_sglang.runtime_patch.applications import ApplicationTable
 from kvcomm_sglang.runtime_patch.capture import capture
 from kvcomm_sglang.runtime_patch.namespaces import Namespace, NamespaceTable
+from kvcomm_sglang.runtime_patch.ownership import Ownership
 from kvcomm_sglang.runtime_patch.segment_store import PoolKV, SegmentStore, StoreFull
 
 logger = logging.getLogger(__name__)
@@ -42,9 +47,9 @@ class Decision:
     plan: ReusePlan | None = None    # reuse: until materialized (it pins the blocks it reads)
     keys: dict = field(default_factory=dict)      # placeholder -> content key (pinned)
     learn: list = field(default_factory=list)
-    version: int = -1
+    version: tuple = ()              # the namespace's and its application's versions
     ns: object = None                # the Namespace decided in (None: namespace_limit)
-    agent: str | None = None         # the consuming agent (its template is pinned)
+    template: str | None = None      # the consuming template's key (it is pinned)
     reused: int = 0                  # tokens materialized at load-back
     recompute: int = 1               # prompt tokens the model computes at the end (reuse)
     plan_ms: float = 0.0             # the reuse path's time: prompt checks and the plan
@@ -65,7 +70,7 @@ class Decision:
         return ids
 
 
-class KVCommRuntime:
+class KVCommRuntime(Ownership):
     """Decisions live as long as their request: ``on_finish`` ends them at a final finish,
     ``retain`` (the scheduler hook, after every batch) drops those of requests the scheduler no
     longer holds (aborted while queued, retracted). Any exception or out-of-memory while
@@ -73,7 +78,7 @@ class KVCommRuntime:
 
     def __init__(self, config: KVCommConfig, rope: RopeSpec, pool, allocator, pool_tokens: int,
                  req_to_token, make_room=None, backend: str = "auto", metrics=None,
-                 derive_anchor_budget: bool = True):
+                 derive_anchor_budget: bool = True, persistence=None):
         self.pool, self.backend, self.req_to_token = pool, backend, req_to_token
         budget = int(config.store_budget_fraction * pool_tokens)
         self.store = SegmentStore(pool, allocator, budget, make_room,
@@ -91,6 +96,8 @@ class KVCommRuntime:
         self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") else None
         self.profile = k0.is_cuda and os.environ.get("KVCOMM_PROFILE") == "1"
         self.match_cache = MatchCache(config.match_cache_bytes)     # one budget, all namespaces
+        self.persistence = persistence      # saves and restores applications (--kvcomm-anchor-path)
+        self.applications = ApplicationTable(self)
         self.namespaces = NamespaceTable(self)
         self.decisions: dict[str, Decision] = {}
         self.stats = ReuseStats()
@@ -126,15 +133,15 @@ class KVCommRuntime:
             return None
         cached = self.decisions.get(req.rid)
         if cached is not None and cached.ns is not None and cached.ns is self.namespaces.get(
-                extra, create=False) and cached.version == cached.ns.version:
+                extra, create=False) and cached.version == _version(cached.ns):
             return cached
         start = self._clock()
         ns = self.namespaces.get(extra)
         with _annotate("kvcomm.plan"):
             decision = self._decide_safely(req, hints, ns)
         decision.plan_ms = (self._clock() - start) * 1e3
-        decision.ns, decision.agent = ns, hints.agent
-        decision.version = ns.version if ns is not None else -1
+        decision.ns = ns
+        decision.version = _version(ns) if ns is not None else ()
         self.decisions[req.rid] = decision
         return decision
 
@@ -152,34 +159,29 @@ class KVCommRuntime:
             return Decision("produce")
         if getattr(req, "return_logprob", False):
             return Decision("dense", "logprob_requested")
-        template = ns.state.templates.get(hints.agent)
-        if template is None:
-            return Decision("dense", "unknown_template")
-        keys, ids, pos = {}, req.origin_input_ids, 0
-        names = [p.placeholder for p in hints.layout if p.kind == "content"]
-        if names != template.placeholders:
-            return Decision("dense", "layout_mismatch")
-        for i, piece in enumerate(hints.layout):
-            span = tuple(ids[pos:pos + piece.length])
-            if piece.kind == "template":
-                if span != template.piece_ids[i // 2]:
-                    return Decision("dense", "template_mismatch")
-            else:
+        ids = req.origin_input_ids
+        template = template_key(*template_of(hints.layout, ids))
+        if template not in ns.app.state.templates:
+            return Decision("dense", "unknown_template", template=template)
+        keys, pos = {}, 0
+        for piece in hints.layout:
+            if piece.kind == "content":
                 key = ns.messages.get(piece.message)
                 content = ns.state.contents.get(key) if key else None
                 if content is None:
-                    return Decision("dense", "unknown_message")
-                if span != content.token_ids:
-                    return Decision("dense", "message_mismatch")
+                    return Decision("dense", "unknown_message", template=template)
+                if tuple(ids[pos:pos + piece.length]) != content.token_ids:
+                    return Decision("dense", "message_mismatch", template=template)
                 keys[piece.placeholder] = key
             pos += piece.length
-        plan = ns.state.plan(hints.agent, keys)
+        plan = ns.state.plan(template, keys)
         if isinstance(plan, Fallback):
-            return Decision("dense", plan.reason, keys=keys, learn=plan.learn)
+            return Decision("dense", plan.reason, keys=keys, learn=plan.learn, template=template)
         recompute = self.config.recompute_last
         if self.config.recompute_last_piece:
             recompute = max(recompute, hints.layout[-1].length)
-        return Decision("reuse", plan=plan, keys=keys, recompute=min(recompute, len(ids)))
+        return Decision("reuse", plan=plan, keys=keys, recompute=min(recompute, len(ids)),
+                        template=template)
 
     # ---- materialize the reused tail [d, N - recompute) into dst slots ----
     def _clock(self) -> float:
@@ -198,6 +200,9 @@ class KVCommRuntime:
     def _materialize(self, req, decision: Decision, d: int, dst: torch.Tensor) -> None:
         plan = decision.plan
         layout, n = plan.layout, plan.layout.total_length
+        if not self.config.derotated_storage:   # the official absolute frame (faithful A/B
+            self._assemble_absolute(decision, d, n - decision.recompute, dst)   # runs): torch
+            return
         pieces = list(plan.pieces)
         if d < layout.prefix_length:       # x0 not cached yet: its template KV is exact
             x0 = decision.ns.state.templates[plan.consumer].pieces[0]
@@ -213,6 +218,15 @@ class KVCommRuntime:
         self._ensure_table(n)
         with _annotate("kvcomm.kernel"):
             materialize(work, self.pool, self.cos_sin, backend=self.backend)
+
+    def _assemble_absolute(self, decision: Decision, lo: int, hi: int, dst: torch.Tensor) -> None:
+        """Faithful mode: the kernels read the position-0 frame only, so the core's torch
+        assembly (``KVCommState.assemble``, the official math) writes rows [lo, hi)."""
+        plan = decision.plan
+        k, v = decision.ns.state.assemble(plan.consumer, decision.keys, plan)
+        for layer, (kbuf, vbuf) in enumerate(zip(self.pool.k_buffer, self.pool.v_buffer)):
+            kbuf[dst] = k[layer, lo:hi].to(kbuf.dtype)
+            vbuf[dst] = v[layer, lo:hi].to(vbuf.dtype)
 
     def _ensure_table(self, n: int) -> None:
         if n > self.cos_sin.shape[0]:
@@ -236,7 +250,7 @@ class KVCommRuntime:
         finally:        # the decision pinned its messages and blocks until now
             self.decisions.pop(req.rid, None)
             if decision.ns is not None:
-                self.sweep(decision.ns)
+                self.sweep_workflow(decision.ns)
 
     def _finish(self, req, decision: Decision, kv_len: int) -> None:
         if decision.kind in ("reuse", "dense"):
@@ -245,7 +259,8 @@ class KVCommRuntime:
         if ns is None or ns.name not in self.namespaces:
             return
         try:
-            with _annotate("kvcomm.capture"), self.store.building(ns.name):
+            with _annotate("kvcomm.capture"), self.store.building(ns.owner), \
+                    self.store.building(ns.app.owner):
                 capture(self, ns, self.hints_of(req), decision, req, kv_len)
         except StoreFull as exc:
             self.count_fallback("store_full")
@@ -257,71 +272,18 @@ class KVCommRuntime:
         for rid in gone:
             decision = self.decisions.pop(rid)
             if decision.ns is not None:
-                self.sweep(decision.ns)
+                self.sweep_workflow(decision.ns)
         return len(gone)
 
     def forget(self, rid: str) -> None:
         decision = self.decisions.pop(rid, None)
         if decision is not None and decision.ns is not None:
-            self.sweep(decision.ns)
+            self.sweep_workflow(decision.ns)
 
     def gather(self, req, start: int, end: int):
         slots = self.req_to_token[req.req_pool_idx, start:end].to(torch.int64)
         return (self.store.gather(self.pool.k_buffer, slots).float(),
                 self.store.gather(self.pool.v_buffer, slots).float())
-
-    # ---- ownership and memory ----
-    def pinned_state(self, ns: Namespace) -> tuple[set[str], set[str]]:
-        """Content keys and agents that live requests of ``ns`` were decided with."""
-        live = [d for d in self.decisions.values() if d.ns is ns]
-        return ({k for d in live for k in d.keys.values()}, {d.agent for d in live})
-
-    def pinned_tokens(self) -> int:
-        """Store tokens that no eviction can free now (what live requests were decided with):
-        they count as protected, not evictable, in the radix cache's sizes, or SGLang would
-        admit a request on room that eviction cannot make."""
-        pinned = set()
-        for decision in self.decisions.values():
-            ns = decision.ns
-            if ns is None or ns.name not in self.namespaces:
-                continue
-            ledger = self.store.ledger.get(ns.name, {})
-            pinned.update((i, ledger[i].length) for i in self.decision_blocks(decision)
-                          if i in ledger)
-        return sum(length for _, length in pinned)
-
-    def pinned_namespaces(self) -> set[str]:
-        return {d.ns.name for d in self.decisions.values() if d.ns is not None}
-
-    def sweep(self, ns: Namespace, keep_state: bool = True) -> int:
-        """Free ``ns``'s store blocks that neither its state (unless ``keep_state`` is False:
-        it is being dropped) nor a live decision reaches; -> tokens freed."""
-        keep = ns.reachable() if keep_state else set()
-        for decision in self.decisions.values():
-            if decision.ns is ns:
-                keep |= self.decision_blocks(decision)
-        return self.store.sweep(ns.name, keep)
-
-    def decision_blocks(self, decision: Decision) -> set[int]:
-        """Ids of the store blocks a live decision pins: what its plan reads, its messages'
-        base KV and its agent's template (one rule for sweeps, sizes and the checker)."""
-        ns, ids = decision.ns, decision.pinned_blocks()
-        template = ns.state.templates.get(decision.agent)
-        if template is not None:
-            ids.update(id(piece) for piece in template.pieces)
-        ids.update(id(ns.state.contents[k].kv) for k in decision.keys.values()
-                   if k in ns.state.contents)
-        return ids
-
-    def _make_store_room(self, owner: str, tokens: int) -> None:
-        self.namespaces.make_store_room(owner, tokens)
-
-    def evict_store(self, num_tokens: int) -> int:
-        """SGLang's pool needs room: free store slots, largest namespaces first."""
-        return self.namespaces.evict_largest_first(num_tokens)
-
-    def drop_namespace(self, name: str) -> None:
-        self.namespaces.drop(name)
 
     # ---- accounting ----
     def record_call(self, req, decision: Decision, reused: int) -> None:
@@ -334,7 +296,7 @@ class KVCommRuntime:
             self.metrics.call(agent, decision.kind, n, reused if reason is None else 0)
             if reason:
                 self.metrics.fallback(reason)
-            anchors = sum(ns.state.anchors.num_anchors for ns in self.namespaces.values())
+            anchors = sum(app.state.anchors.num_anchors for app in self.applications.values())
             self.metrics.sizes(self.store.tokens * self.store.bytes_per_token, anchors)
 
     def mark_dense(self, req, reason: str) -> None:
@@ -348,6 +310,24 @@ class KVCommRuntime:
         self.stats.fallbacks[reason] += 1
         if self.metrics is not None:
             self.metrics.fallback(reason)
+
+
+def _version(ns: Namespace) -> tuple[int, int]:
+    """What a cached decision was made with: its namespace's and its application's versions."""
+    return ns.version, ns.app.version
+
+
+def template_of(layout, ids) -> tuple[list[tuple[int, ...]], list[str]]:
+    """A request's template, as its tokens say: the ids of its template pieces and the
+    placeholders between them."""
+    pieces, names, pos = [], [], 0
+    for piece in layout:
+        if piece.kind == "template":
+            pieces.append(tuple(ids[pos:pos + piece.length]))
+        else:
+            names.append(piece.placeholder)
+        pos += piece.length
+    return pieces, names
 
 
 def _annotate(name: str):

@@ -184,7 +184,7 @@ def test_new_namespaces_never_replace_active_ones():
     cache.match_prefix(MatchPrefixParams(key=RadixKey(ids[:-1], flood), req=req))
     assert cache.runtime.decisions[req.rid].reason == "namespace_limit"
     assert first in cache.runtime.namespaces and second in cache.runtime.namespaces
-    assert "a" in cache.runtime.namespace(first).state.templates
+    assert cache.runtime.namespace(first).state.templates          # agent a's, kept
     cache.runtime.config = cache.runtime.config.replace(namespace_idle_s=0.0)
     cache.after_batch([])
     assert cache.runtime.namespaces.get(flood) is not None       # now an idle one gives way
@@ -254,9 +254,10 @@ def test_the_checker_reports_leaks_lost_blocks_and_unmarked_approximate_nodes():
     runtime.store.free(block)                             # freed behind the state's back
     assert any(v.startswith("lost") for v in cache.checker.check())
     space.state.contents.pop(key)                         # a reference dropped, no sweep
-    space.state.templates["a"].pieces = space.state.templates["a"].pieces[:1]
+    template = next(iter(space.state.templates.values()))
+    template.pieces = template.pieces[:1]
     assert any(v.startswith("leak") for v in cache.checker.check())
-    runtime.sweep(space)
+    runtime.sweep_workflow(space)
     node = mark_tail_approx(cache, ns, [200, 201], [202, 203])
     node.kvcomm_approx = False
     assert any(v.startswith("exactness") for v in cache.checker.check())
@@ -273,18 +274,26 @@ def test_config_rejects_bad_bounds():
         make_cache(size=64, store_budget_fraction=0.25).runtime.store.alloc(17, "x")
 
 
-def test_a_changed_template_forgets_the_deviations_learned_under_the_old_one():
+def test_a_changed_template_is_a_new_template_without_the_old_ones_deviations():
+    """Templates are found by their tokens: the same pass again changes nothing, an agent whose
+    template changed gets a new template, and the anchors hold no deviation for it (those
+    learned under the old template stay with the old one)."""
     cache, ns = make_cache(), namespace()
     ids, hints = consumer_setup(cache, ns)
-    serve(cache, ids, ns, hints)                       # dense: records agent a's deviations
-    pool = cache.runtime.namespace(ns).state.anchors.pool("user_question")
-    assert all("a" in anchor.deviations for anchor in pool.anchors.values()) and len(pool)
+    serve(cache, ids, ns, hints)                       # dense: records the template's deviations
+    state = cache.runtime.namespace(ns).state
+    pool, (old,) = state.anchors.pool("user_question"), list(state.templates)
+    assert len(pool) and all(old in anchor.deviations for anchor in pool.anchors.values())
     same = [Piece("template", 3), Piece("content", 3, "user_question", "q"),
             Piece("template", 2)]
     serve(cache, [1, 2, 3, 50, 51, 52, 4, 5], ns, {"agent": "a", "layout": same, "template": True})
-    assert all("a" in anchor.deviations for anchor in pool.anchors.values())
+    assert list(state.templates) == [old]
     serve(cache, [1, 2, 9, 50, 51, 52, 4, 5], ns, {"agent": "a", "layout": same, "template": True})
-    assert not any("a" in anchor.deviations for anchor in pool.anchors.values())
+    (new,) = set(state.templates) - {old}
+    assert not any(new in anchor.deviations for anchor in pool.anchors.values())
+    assert all(old in anchor.deviations for anchor in pool.anchors.values())
+    req = serve(cache, [1, 2, 9, 60, 61, 62, 4, 5], ns, hints)      # the new template's call
+    assert req.customized_info["kvcomm"][0]["mode"] == "dense"
     assert_invariants(cache)
 
 
