@@ -76,6 +76,7 @@ def admit(cache, req) -> int:
     match = cache.match_prefix(MatchPrefixParams(key=key, req=req))
     prefix, node = match.device_indices, match.last_device_node
     if match.host_hit_length:
+        req.prefix_indices = prefix                 # as the scheduler: load-back reads it
         loaded, node = cache.init_load_back(InitLoadBackParams(
             best_match_node=match.best_match_node, host_hit_length=match.host_hit_length,
             req=req))
