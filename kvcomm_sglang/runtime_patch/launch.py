@@ -2,6 +2,9 @@
 
 What it adds to the user's arguments (each only where the user did not say otherwise):
 
+* ``--kvcomm-anchor-path DIR`` (removed from SGLang's arguments): ``KVCOMM_ANCHOR_PATH`` = DIR
+  made absolute; applications' templates and anchors are saved there and loaded at the next
+  start (``runtime_patch/persistence.py``);
 * always: ``SGLANG_PLUGINS`` whitelists ``kvcomm`` (plugins the user listed stay listed; an unset
   variable becomes just ``kvcomm``), ``--radix-cache-backend kvcomm``, ``--page-size 1``, and
   ``--model-path`` = the converted test model (``kvcomm_sglang.models.default_model_dir()``);
@@ -40,6 +43,7 @@ SERVER_MODULE = "sglang.launch_server"
 
 MODEL_FLAGS = ("--model-path", "--model")  # SGLang 0.5.17 accepts both spellings
 PLUGIN_DEFAULTS = (("--radix-cache-backend", BACKEND_NAME), ("--page-size", "1"))
+ANCHOR_PATH_FLAG, ANCHOR_PATH_ENV = "--kvcomm-anchor-path", "KVCOMM_ANCHOR_PATH"  # persistence.py
 CPU_DEFAULTS = (
     ("--attention-backend", "torch_native"),  # the x86 CPU default, intel_amx, needs sgl_kernel
     ("--sleep-on-idle", None),  # idle scheduler sleeps instead of spinning one core
@@ -72,6 +76,9 @@ def build_command(argv: Sequence[str], env: Mapping[str, str], *,
     """
     args = _normalize_positional_model(list(argv))
     new_env = dict(env)
+    args, anchor_path = _pop_flag(args, ANCHOR_PATH_FLAG)
+    if anchor_path is not None:         # ours, not SGLang's: the scheduler's runtime reads it
+        new_env[ANCHOR_PATH_ENV] = str(pathlib.Path(anchor_path).resolve())
     new_env["SGLANG_PLUGINS"] = _plugins_whitelist(env.get("SGLANG_PLUGINS", ""), plugin)
     if plugin:
         args = _with_defaults(args, PLUGIN_DEFAULTS)
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "serve":
         sys.exit("usage: kvcomm-sglang serve [--model-path DIR] [--device cpu] "
-                 "[other `python -m sglang.launch_server` arguments]")
+                 "[--kvcomm-anchor-path DIR] [other `python -m sglang.launch_server` arguments]")
     cmd, env = build_command(argv[1:], os.environ)
     os.execvpe(cmd[0], cmd, env)
 
@@ -208,6 +215,21 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def _pop_flag(args: list[str], flag: str) -> tuple[list[str], str | None]:
+    """``args`` without ``flag value`` / ``flag=value``, and its (last) value or None."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == flag and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith(flag + "="):
+            value = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, value
 
 
 def _normalize_positional_model(args: list[str]) -> list[str]:
