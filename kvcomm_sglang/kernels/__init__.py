@@ -2,7 +2,7 @@
 
 Backends: ``torch`` (reference, CPU and GPU), ``triton`` (one fused all-layer launch),
 ``flashinfer`` (FlashInfer RoPE + deviation add + scatter), ``cpu`` (the reference's formula
-with one batched matmul per layer for content rows instead of an (N, A, H, D) weight tensor).
+without its (N, A, H, D) weight tensor: one multiply-add per anchor for content rows).
 ``auto`` picks triton on CUDA and cpu elsewhere.
 """
 
