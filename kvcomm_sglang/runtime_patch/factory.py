@@ -75,15 +75,32 @@ def kvcomm_cache_factory(ctx):
         raise ValueError(f"KV pool {type(pool).__name__} is not supported (--kv-cache-dtype, "
                          "--model-path): KVCOMM needs SGLang's MHATokenToKVPool")
     metrics = Metrics({"tp_rank": str(ctx.tp_rank)}) if ctx.params.enable_metrics else None
+    persistence = anchor_persistence(ctx, config, rope, pool)
 
     def runtime_factory(cache):
         return KVCommRuntime(config, rope, pool, cache.token_to_kv_pool_allocator,
                              int(cache.token_to_kv_pool_allocator.size),
                              cache.req_to_token_pool.req_to_token, make_room=cache.make_room,
-                             metrics=metrics,
+                             metrics=metrics, persistence=persistence,
                              derive_anchor_budget="anchor_budget_bytes" not in explicit)
 
     cache = KVCommRadixCache(ctx.params, runtime_factory)
     logger.info("kvcomm: radix-cache backend ready (%s, store up to %d tokens)", config,
                 cache.runtime.store.max_tokens)
     return cache
+
+
+def anchor_persistence(ctx, config, rope, pool):
+    """``--kvcomm-anchor-path`` (env ``KVCOMM_ANCHOR_PATH``): applications saved and loaded
+    there, under this server's fingerprint; None without it."""
+    import os
+
+    from kvcomm_sglang.runtime_patch.persistence import PATH_ENV, AnchorPersistence, fingerprint
+
+    path = os.environ.get(PATH_ENV)
+    if not path:
+        return None
+    runner = ctx.tp_worker.model_runner
+    print_ = fingerprint(runner.model, ctx.model_config.hf_config,
+                         getattr(ctx.server_args, "tokenizer_path", None), pool, rope, config)
+    return AnchorPersistence(path, print_, config)

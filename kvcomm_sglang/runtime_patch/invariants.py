@@ -84,8 +84,10 @@ class InvariantChecker:
     def _reachability(self) -> list:
         runtime, store, out = self.runtime, self.runtime.store, []
         holders = runtime.namespaces.holders()
-        self.leaked_slots = sum(b.length for o in store.ledger if o not in holders
-                                for b in store.blocks(o))
+        live = set().union(*(runtime.decision_blocks(d) for d in runtime.decisions.values()
+                             if d.ns is not None))
+        self.leaked_slots = sum(b.length for o in store.ledger if o not in holders   # dropped
+                                for i, b in store.ledger[o].items() if i not in live)
         self.lost_anchors = 0
         for holder in holders.values():
             reach = holder.reachable()

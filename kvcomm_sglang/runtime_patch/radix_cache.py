@@ -180,10 +180,16 @@ class KVCommRadixCache(RadixCache):
 
     def after_batch(self, live_reqs) -> None:
         """The scheduler hook, once per loop iteration: decisions of requests the scheduler no
-        longer holds end here; in debug mode the invariants are checked."""
+        longer holds end here; saved applications that new requests name are restored and
+        changed ones saved (``--kvcomm-anchor-path``); in debug mode the invariants are checked."""
         if self.runtime is None:
             return
         self.runtime.retain({req.rid for req in live_reqs})
+        if self.runtime.persistence is not None:
+            try:
+                self.runtime.persistence.after_batch(self.runtime, live_reqs)
+            except Exception:                   # never skip the checks below for it
+                logger.exception("kvcomm: saving or restoring anchors failed")
         if self.checker is not None and (live_reqs or not self.checker.idle_checked):
             self.checker.check(live_reqs)
 
