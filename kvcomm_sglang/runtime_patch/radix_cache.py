@@ -24,6 +24,7 @@ Exactness (DESIGN §4): only a request planned for reuse ("opted in") may read a
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
@@ -146,7 +147,7 @@ class KVCommRadixCache(RadixCache):
         self._update_leaf_status(node)
         self._update_leaf_status(new)
         self._record_store_event(new)
-        decision.reused = n
+        decision.reused, decision.loaded_at = n, time.perf_counter()
         update_report(req, plan_ms=round(decision.plan_ms, 3),
                       materialize_ms=round(decision.materialize_ms, 3),
                       flatten_ms=round(decision.flatten_ms, 3),
@@ -159,13 +160,23 @@ class KVCommRadixCache(RadixCache):
         return empty, node
 
     # ---- lifecycle ----
+    def _report_forward(self, req) -> None:
+        """A reused request's prefill forward is done (SGLang caches it right after sampling
+        its first token, before streaming it): report ``forward_ms`` since its load-back."""
+        decision = self.runtime.decisions.get(req.rid) if self.runtime is not None else None
+        if decision is not None and decision.loaded_at and decision.forward_ms is None:
+            decision.forward_ms = (time.perf_counter() - decision.loaded_at) * 1e3
+            update_report(req, forward_ms=round(decision.forward_ms, 3))
+
     def cache_unfinished_req(self, req, chunked=False):
+        self._report_forward(req)
         if self.touches_approx(req, req.get_fill_ids()):
             req.skip_radix_cache_insert = True      # keeps its own exact KV, out of the tree
             return
         super().cache_unfinished_req(req, chunked)
 
     def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int):
+        self._report_forward(req)
         if is_insert and self.touches_approx(
                 req, (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]):
             is_insert = False

@@ -5,7 +5,8 @@ entry per output token; KVCOMM reports once, on the first output token:
 ``meta_info["kvcomm"][0] = {"mode": "reuse"|"dense", "reused_tokens": n, "fallback_reason": r}``,
 plus, on reuse, the reuse path's time: ``plan_ms`` (prompt checks and planning),
 ``materialize_ms`` (plan flattening, validation and the kernel; ``flatten_ms`` of it is the
-flattening) and their sum ``reuse_path_ms``.
+flattening), their sum ``reuse_path_ms``, and ``forward_ms`` (from the end of the load-back to
+the first token sampled: the model's pass over the recomputed tail, host wall time).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class Decision:
     plan_ms: float = 0.0             # the reuse path's time: prompt checks and the plan
     materialize_ms: float = 0.0      # plan flattening, checks and the kernel
     flatten_ms: float = 0.0          # of which plan flattening (host work, no GPU wait)
+    loaded_at: float = 0.0           # perf_counter when its load-back ended (reuse)
+    forward_ms: float | None = None  # load-back end to first token sampled (the model's pass)
 
     def pinned_blocks(self) -> set[int]:
         """Ids of the store blocks the plan reads (they must outlive eviction until then)."""
