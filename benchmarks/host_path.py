@@ -48,6 +48,7 @@ from tests.torch_calls import TorchCalls  # noqa: E402
 
 POOL_TOKENS = 400_000
 SHAPES = {"tiny": (2, 2, 8, torch.float32, POOL_TOKENS),       # layers, KV heads, head dim
+          "smollm2": (30, 3, 64, torch.bfloat16, 120_000),       # the CPU server's model
           "llama8b": (32, 8, 128, torch.bfloat16, 160_000)}      # ~the GPU server's pool
 
 
@@ -111,7 +112,9 @@ class Server:
             self.runtime.materialize(req, decision, d, slots[d:d + n])
             decision.reused = n
         self.profiler.disable()
+        start = time.perf_counter()
         self.runtime.on_finish(req, total)
+        self.capture_ms = (time.perf_counter() - start) * 1e3
         self.allocator.free(slots)
         return decision, decide_ms, out
 
@@ -161,7 +164,7 @@ def run(args) -> tuple[list[dict], dict]:
     config = KVCommConfig(gamma=1.0)          # as the GPU timing run: the gate is off
     server = Server(config, args.shape, args.device)
     timed_flatten(server)
-    work = Workload(5, 512, (1000, 128000), seed=0)
+    work = Workload(args.agents, args.prefix_tokens, (1000, 128000), seed=0)
     namespace = "kvcomm:host-path-benchmark-0001"   # 22+ chars: a valid namespace
     for agent, pieces, names in work.agents:
         standins = {name: ("standin", work.ids(16)) for name in names}
@@ -172,7 +175,7 @@ def run(args) -> tuple[list[dict], dict]:
                      namespace)
     rows, calls = [], {}
     for r in range(args.warmup + args.workflows + 1):     # the last one counts torch calls
-        qid, question, lead = f"w{r}", work.ids(1024), work.ids(8)
+        qid, question, lead = f"w{r}", work.ids(args.input_tokens), work.ids(8)
         server.serve(lead + question, 1, protocol.encode(base=(f"{qid}.q", "user_question",
                                                                len(lead))), namespace)
         contents = {"user_question": (f"{qid}.q", question)}
@@ -191,21 +194,22 @@ def run(args) -> tuple[list[dict], dict]:
                 rows.append({"agent": int(agent) + 1, "tokens": len(ids), "kind": decision.kind,
                              "decide_ms": decide_ms, "plan_ms": decision.plan_ms,
                              "materialize_ms": decision.materialize_ms,
+                             "capture_ms": server.capture_ms,
                              "flatten_ms": sum(server.flatten_ms) if server.flatten_ms else None})
             contents[name] = (f"{qid}.a{agent}", out[:-1])
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
     print(f"host path per agent (ms, medians of {args.workflows} workflows; {device}, "
           f"{args.shape} KV)")
     print(f"{'agent':>5} {'tokens':>7} {'reused':>7} {'decide':>8} {'flatten':>8} "
-          f"{'plan':>8} {'mat.':>8} {'torch calls: decide':>20} {'flatten':>8}")
-    for agent in range(1, 6):
+          f"{'plan':>8} {'mat.':>8} {'capture':>8} {'torch calls: decide':>20} {'flatten':>8}")
+    for agent in range(1, args.agents + 1):
         mine = [x for x in rows if x["agent"] == agent]
         reused = [x for x in mine if x["kind"] == "reuse"]
         med = lambda key: statistics.median([x[key] for x in reused if x[key] is not None]  # noqa: E731
                                             or [float("nan")])
         print(f"{agent:>5} {mine[0]['tokens']:>7} {len(reused):>3}/{len(mine):<3} "
               f"{med('decide_ms'):>8.3f} {med('flatten_ms'):>8.3f} "
-              f"{med('plan_ms'):>8.3f} {med('materialize_ms'):>8.3f} "
+              f"{med('plan_ms'):>8.3f} {med('materialize_ms'):>8.3f} {med('capture_ms'):>8.3f} "
               f"{_count(calls.get(agent, (None,))[0]):>20} "
               f"{_count(calls.get(agent, (None, None))[1]):>8}")
     anchors = {ph: len(p) for ns in server.runtime.namespaces.values()
@@ -229,13 +233,17 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workflows", type=int, default=5)
     parser.add_argument("--output-tokens", type=int, default=512)
+    parser.add_argument("--agents", type=int, default=5)
+    parser.add_argument("--prefix-tokens", type=int, default=512)
+    parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
     parser.add_argument("--compare-flatten", metavar="PLAN_PY", default=None,
                         help="also time from_reuse_plan against another plan.py (e.g. the "
                              "previous commit's) on the same plan, interleaved")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
-                        help="KV shape: tiny (2x2x8 fp32) or llama8b (32x8x128 bf16)")
+                        help="KV shape: tiny (2x2x8 fp32), smollm2 (30x3x64 bf16: the CPU "
+                             "server's) or llama8b (32x8x128 bf16)")
     parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumtime)")
     run(parser.parse_args(argv))
 

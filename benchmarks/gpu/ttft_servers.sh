@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Device side of the GPU TTFT benchmark (docs/gpu.md): start a vanilla SGLang server (port 30001)
 # and then a kvcomm one (port 30000) with dummy Llama-3.1-8B weights on the one GPU, run
-# benchmarks/ttft_gpu.py against both, copy the JSON and the logs to $OUT.
+# benchmarks/ttft_gpu.py against both (whole workflows on the client's clock, no sleeps), copy
+# the JSON and the logs to $OUT. One device call (the stage received before):
 #
-#   LABEL=before bash benchmarks/gpu/ttft_servers.sh [ttft_gpu.py args ...]
+#   GRAPH_FIX=1 LABEL=main bash benchmarks/gpu/ttft_servers.sh --warmup 3 --repeats 8 [--concurrent 32]
 #
 # Environment:
 #   LABEL           names the output files (ttft-gpu-LABEL.json, sglang_*-LABEL.log)
+#   BUDGET_S=540    seconds the whole call may take: ttft_gpu.py gets what is left after the
+#                   servers started as --budget-s (it starts no round, nor the load mode, that
+#                   would end after it; the JSON keeps every timed round); later args win
 #   GRAPH_FIX=1     capture prefill CUDA graphs for 1 and 2 tokens too (SGLang's own
 #                   --cuda-graph-bs-prefill): the one-token tail after a cached or reused
 #                   prefix then replays a graph instead of running eagerly
@@ -75,7 +79,7 @@ prof=()
 [ "${PROFILE:-0}" = 1 ] && prof=(--profile-dir "/tmp/kvcomm-prof-$LABEL")
 PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_gpu.py "${prof[@]}" --kvcomm-url http://127.0.0.1:30000 \
   --dense-url http://127.0.0.1:30001 --label "$LABEL GRAPH_FIX=${GRAPH_FIX:-0} KVCOMM_CONFIG=$KVCOMM_CONFIG" \
-  --out "$OUT/ttft-gpu-$LABEL.json" "$@"
+  --budget-s $(( ${BUDGET_S:-540} - SECONDS )) --out "$OUT/ttft-gpu-$LABEL.json" "$@"
 if [ "${PROFILE:-0}" = 1 ]; then
   python3 benchmarks/gpu/trace_summary.py $(find "/tmp/kvcomm-prof-$LABEL" -name '*.trace.json*') \
     --json "$OUT/trace-summary-$LABEL.json" > "$OUT/trace-summary-$LABEL.txt" || true

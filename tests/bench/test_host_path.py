@@ -7,7 +7,8 @@ from benchmarks import host_path
 
 
 def test_decide_makes_no_torch_call_and_the_flatten_one_view_per_weight_table():
-    args = Namespace(warmup=3, workflows=1, output_tokens=16, top=0, device="cpu",
+    args = Namespace(warmup=3, workflows=1, output_tokens=16, top=0, device="cpu", agents=5,
+                     prefix_tokens=512, input_tokens=1024,
                      compare_flatten=None, shape="tiny", sort="tottime")
     rows, calls = host_path.run(args)
     assert [r["kind"] for r in rows] == ["reuse"] * 5, rows
