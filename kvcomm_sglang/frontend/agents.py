@@ -71,7 +71,11 @@ def _agent_program(s, question, system, user, max_tokens):
 
 
 class AgentGraph:
-    def __init__(self, agents, topology: str = "full", rounds: int = 1, max_tokens: int = 64):
+    def __init__(self, agents, topology: str = "full", rounds: int = 1, max_tokens: int = 64,
+                 application: scope.Application | None = None):
+        """``application``: the graph's workflows share the server's templates and anchors with
+        every other workflow of it (``scope.application()``), so they reuse from the first
+        question once it is warm."""
         self.agents = list(agents)
         if not self.agents:
             raise ValueError("an AgentGraph needs at least one Agent")
@@ -83,6 +87,7 @@ class AgentGraph:
         if len(set(names)) != len(names):
             raise ValueError(f"agent names must be unique, got {names}")
         self.topology, self.rounds, self.max_tokens = topology, rounds, max_tokens
+        self.application = application
         self._workflows: dict[str, scope.Workflow] = {}
         for agent in self.agents:
             self._check_placeholders(agent)
@@ -173,7 +178,8 @@ class AgentGraph:
         if mode not in scope.MODES:
             raise ValueError(f"mode must be one of {scope.MODES}, got {mode!r}")
         if mode not in self._workflows:
-            self._workflows[mode] = scope.Workflow(f"graph-{mode}", mode)
+            self._workflows[mode] = scope.Workflow(f"graph-{mode}", mode,
+                                                   application=self.application)
         return self._workflows[mode]
 
 

@@ -89,7 +89,7 @@ class KVCommEndpoint(RuntimeEndpoint):
             return call
         call["agent"], call["layout"] = agent, _layout(found, names, self.tokenize)
         if wf.mode == "kvcomm":
-            if wf.needs_template(agent):
+            if wf.needs_template(agent, (tuple(found.texts), tuple(names))):
                 self._template_pass(wf, agent, found, names)
             for message in found.messages:
                 if wf.needs_base(message):

@@ -12,6 +12,12 @@ only credential on the server: whoever holds it can read and change the workflow
 templates, nobody else can guess it. ``name`` is a label for people and logs; two workflows with
 the same name never share state. ``use(wf)`` re-enters the same namespace.
 
+Workflows of one ``Application`` (``workflow(application=app)``; ``application()`` makes one,
+with its own secret) share the server's templates and anchors for their agents: namespace
+``kvcomm:<application secret>.<workflow secret>``. A new workflow of a warm application reuses
+from its first call and sends no template pass the application has sent already. Share an
+application only between workflows whose texts may inform each other's (docs/isolation.md).
+
 The server may forget a workflow (its namespace evicted, a restart): a call then falls back to
 dense with ``unknown_template`` or ``unknown_message``, and the workflow marks what to send again
 (``missing_templates``, ``on_server``) before the next call that needs it.
@@ -52,6 +58,22 @@ class CallRecord:
 
 
 @dataclass
+class Application:
+    """Workflows that share the server's templates and anchors; ``secret`` names it there."""
+
+    name: str = "application"
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(SECRET_BYTES), repr=False)
+    templates: set = field(default_factory=set)       # template shapes the server was sent
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+
+def application(name: str | None = None) -> Application:
+    """A new application (a new secret): pass it to ``workflow(application=...)`` or
+    ``AgentGraph(..., application=...)`` in every workflow that should share anchors."""
+    return Application(name or "application")
+
+
+@dataclass
 class Workflow:
     name: str
     mode: str = "kvcomm"
@@ -66,6 +88,8 @@ class Workflow:
     calls: list[CallRecord] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(SECRET_BYTES), repr=False)
+    application: Application | None = None
+    shapes_of: dict[str, tuple] = field(default_factory=dict)     # agent id -> template shape
     _seq: int = 0
 
     def __post_init__(self):
@@ -74,7 +98,10 @@ class Workflow:
 
     @property
     def namespace(self) -> str | None:
-        return f"kvcomm:{self.secret}" if self.mode == "kvcomm" else None
+        if self.mode != "kvcomm":
+            return None
+        app = self.application
+        return f"kvcomm:{app.secret}.{self.secret}" if app else f"kvcomm:{self.secret}"
 
     def next_seq(self) -> int:
         with self.lock:
@@ -124,15 +151,25 @@ class Workflow:
                 return known
             return self.add_message(text, tokenize(text), None, placeholder, prefix="u")
 
-    def needs_template(self, agent: str) -> bool:
+    def needs_template(self, agent: str, shape: tuple = ()) -> bool:
         """Whether ``agent``'s template pass must be sent before its call: a new agent, or one
-        the server said it does not know."""
+        the server said it does not know, unless another workflow of the application sent
+        the same template (``shape``: its text pieces and placeholders)."""
         with self.lock:
-            return agent in self.missing_templates
+            self.shapes_of[agent] = shape
+            if agent not in self.missing_templates:
+                return False
+            if self.application is not None and shape in self.application.templates:
+                self.missing_templates.discard(agent)
+                return False
+            return True
 
     def sent_template(self, agent: str) -> None:
         with self.lock:
             self.missing_templates.discard(agent)
+            if self.application is not None and agent in self.shapes_of:
+                with self.application.lock:
+                    self.application.templates.add(self.shapes_of[agent])
 
     def sent_base(self, message: Message) -> None:
         with self.lock:
@@ -149,18 +186,23 @@ class Workflow:
         with self.lock:
             if reason == "unknown_template":
                 self.missing_templates.add(agent)
+                if self.application is not None:
+                    with self.application.lock:
+                        self.application.templates.discard(self.shapes_of.get(agent))
             elif reason == "unknown_message":
                 self.on_server.difference_update(m.id for m in messages)
 
 
 @contextlib.contextmanager
 def workflow(name: str | None = None, mode: str = "kvcomm", min_message_chars: int = 12,
-             shared_args=SHARED_ARGS):
+             shared_args=SHARED_ARGS, application: Application | None = None):
     """Scope of one new KVCOMM workflow; yields its ``Workflow`` (calls, messages). Each call
-    makes a new secret namespace with empty server state (templates and anchors warm up again),
-    whatever ``name`` (a label only) says; ``use(wf)`` re-enters one. ``shared_args``: program
-    keyword arguments (e.g. ``question``) sent once as base messages."""
-    wf = Workflow(name or "workflow", mode, min_message_chars, tuple(shared_args))
+    makes a new secret namespace, whatever ``name`` (a label only) says; ``use(wf)`` re-enters
+    one. Without ``application`` its templates and anchors warm up from nothing; with one, it
+    shares those of the application's other workflows. ``shared_args``: program keyword
+    arguments (e.g. ``question``) sent once as base messages."""
+    wf = Workflow(name or "workflow", mode, min_message_chars, tuple(shared_args),
+                  application=application)
     token = _current.set(wf)
     try:
         yield wf

@@ -55,3 +55,29 @@ def test_agent_graphs_keep_one_secret_namespace_each():
     assert graph._workflow("kvcomm") is graph._workflow("kvcomm")     # warms up over questions
     assert validate_namespace(graph._workflow("kvcomm").namespace)
     assert graph._workflow("kvcomm").namespace != other._workflow("kvcomm").namespace
+
+
+def test_workflows_of_one_application_name_it_by_its_secret_and_share_template_passes():
+    from kvcomm_sglang.frontend import Agent, AgentGraph, application
+    from kvcomm_sglang.protocol import split_namespace
+
+    app, other = application("support"), application("support")
+    with workflow(application=app) as first:
+        pass
+    with workflow(application=app) as second:
+        pass
+    assert validate_namespace(first.namespace) and app.secret not in repr(app)
+    assert split_namespace(first.namespace) == (app.secret, first.secret)
+    assert split_namespace(second.namespace)[0] == app.secret != other.secret
+    assert first.namespace != second.namespace
+    shape = (("You solve.", "Answer."), ("user_question",))
+    first.missing_templates.add("0")
+    assert first.needs_template("0", shape)
+    first.sent_template("0")
+    second.missing_templates.add("0")
+    assert not second.needs_template("0", shape)           # the application has it already
+    second.forget("unknown_template", "0", [])              # the server lost it: send again
+    assert second.needs_template("0", shape)
+    graph = AgentGraph([Agent("solver", "You solve.")], application=app)
+    assert split_namespace(graph._workflow("kvcomm").namespace)[0] == app.secret
+    assert split_namespace(first.namespace[:7] + first.secret) == (first.secret, first.secret)
