@@ -95,7 +95,8 @@ class KVCommRuntime(Ownership):
         self.num_layers, self.num_heads, self.head_dim = len(pool.k_buffer), k0.shape[1], k0.shape[2]
         self.cos_sin = rope.cos_sin_table(4096, device=k0.device)
         # anchor matching read in place from the pool (Triton) where the kernels run compiled
-        self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") else None
+        self.matcher = pool_matcher(pool) if k0.is_cuda and backend in ("auto", "triton") \
+            else cpu_matcher() if not k0.is_cuda and backend in ("auto", "cpu") else None
         self.profile = k0.is_cuda and os.environ.get("KVCOMM_PROFILE") == "1"
         self.match_cache = MatchCache(config.match_cache_bytes)     # one budget, all namespaces
         self.persistence = persistence      # saves and restores applications (--kvcomm-anchor-path)
@@ -336,6 +337,13 @@ def _annotate(name: str):
     """A profiler range (``benchmarks/gpu/trace_summary.py`` lists them) while a profiler runs;
     nothing otherwise (record_function costs ~10 us per range even when no one records)."""
     return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+
+
+def cpu_matcher():
+    """``KVCommState``'s matcher on the CPU: ``kernels.cpu_distances`` (each anchor read once,
+    one difference per alignment, no (A, L, T, H, D) stack)."""
+    from kvcomm_sglang.kernels.cpu_distances import cpu_anchor_distances
+    return cpu_anchor_distances
 
 
 def pool_matcher(pool):
