@@ -64,10 +64,11 @@ def generate(url: str, input_ids, max_new_tokens: int, hints: dict | None = None
     return Result(list(out["output_ids"]), out["meta_info"], elapsed)
 
 
-def new_namespace() -> str:
+def new_namespace(application: str | None = None) -> str:
     """A fresh workflow namespace: ``kvcomm:`` + the workflow's secret (128 random bits, the
-    frontend's own recipe); the server refuses guessable names such as ``kvcomm:e2e``."""
-    return "kvcomm:" + secrets.token_urlsafe(16)
+    frontend's own recipe), behind ``application``'s secret and a dot when it has one; the
+    server refuses guessable names such as ``kvcomm:e2e``."""
+    return "kvcomm:" + (f"{application}." if application else "") + secrets.token_urlsafe(16)
 
 
 def template_pass(template) -> tuple[list[int], list]:
@@ -97,11 +98,13 @@ def prompt(template, contents: dict) -> tuple[list[int], list]:
 
 class Workflow:
     """One workflow namespace on a KVCOMM server: templates registered once, then questions.
-    ``name`` is a label; each Workflow gets its own secret namespace."""
+    ``name`` is a label; each Workflow gets its own secret namespace, in ``application`` (its
+    secret) when given: it then shares that application's templates and anchors."""
 
-    def __init__(self, url: str, name: str, max_new_tokens: int = 32, templates=None):
+    def __init__(self, url: str, name: str, max_new_tokens: int = 32, templates=None,
+                 application: str | None = None):
         self.url, self.name, self.max_new_tokens = url, name, max_new_tokens
-        self.namespace = new_namespace()
+        self.namespace = new_namespace(application)
         # the dense comparison: same prompts, no hints, in a namespace of its own
         self.plain_namespace = "plain:" + self.namespace.removeprefix("kvcomm:")
         self.templates = templates or workflow.agent_templates(render_chat, encode)
