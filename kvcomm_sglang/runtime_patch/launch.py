@@ -5,6 +5,8 @@ What it adds to the user's arguments (each only where the user did not say other
 * ``--kvcomm-anchor-path DIR`` (removed from SGLang's arguments): ``KVCOMM_ANCHOR_PATH`` = DIR
   made absolute; applications' templates and anchors are saved there and loaded at the next
   start (``runtime_patch/persistence.py``);
+* ``--kvcomm-auto`` (removed from SGLang's arguments): ``KVCOMM_AUTO=1``, the auto mode that
+  finds shared spans of plain requests (``runtime_patch/auto.py``);
 * always: ``SGLANG_PLUGINS`` whitelists ``kvcomm`` (plugins the user listed stay listed; an unset
   variable becomes just ``kvcomm``), ``--radix-cache-backend kvcomm``, ``--page-size 1``, and
   ``--model-path`` = the converted test model (``kvcomm_sglang.models.default_model_dir()``);
@@ -44,6 +46,7 @@ SERVER_MODULE = "sglang.launch_server"
 MODEL_FLAGS = ("--model-path", "--model")  # SGLang 0.5.17 accepts both spellings
 PLUGIN_DEFAULTS = (("--radix-cache-backend", BACKEND_NAME), ("--page-size", "1"))
 ANCHOR_PATH_FLAG, ANCHOR_PATH_ENV = "--kvcomm-anchor-path", "KVCOMM_ANCHOR_PATH"  # persistence.py
+AUTO_FLAG, AUTO_ENV = "--kvcomm-auto", "KVCOMM_AUTO"      # runtime_patch/auto.py
 CPU_DEFAULTS = (
     ("--attention-backend", "torch_native"),  # the x86 CPU default, intel_amx, needs sgl_kernel
     ("--sleep-on-idle", None),  # idle scheduler sleeps instead of spinning one core
@@ -79,6 +82,9 @@ def build_command(argv: Sequence[str], env: Mapping[str, str], *,
     args, anchor_path = _pop_flag(args, ANCHOR_PATH_FLAG)
     if anchor_path is not None:         # ours, not SGLang's: the scheduler's runtime reads it
         new_env[ANCHOR_PATH_ENV] = str(pathlib.Path(anchor_path).resolve())
+    if AUTO_FLAG in args:               # ours, not SGLang's: the launcher's plugin reads the env
+        args = [arg for arg in args if arg != AUTO_FLAG]
+        new_env[AUTO_ENV] = "1"
     new_env["SGLANG_PLUGINS"] = _plugins_whitelist(env.get("SGLANG_PLUGINS", ""), plugin)
     if plugin:
         args = _with_defaults(args, PLUGIN_DEFAULTS)
@@ -99,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``kvcomm-sglang``; replaces this process with the SGLang server."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "serve":
-        sys.exit("usage: kvcomm-sglang serve [--model-path DIR] [--device cpu] "
+        sys.exit("usage: kvcomm-sglang serve [--model-path DIR] [--device cpu] [--kvcomm-auto] "
                  "[--kvcomm-anchor-path DIR] [other `python -m sglang.launch_server` arguments]")
     cmd, env = build_command(argv[1:], os.environ)
     os.execvpe(cmd[0], cmd, env)

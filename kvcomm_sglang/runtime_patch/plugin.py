@@ -40,6 +40,10 @@ def register() -> None:
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
         validate_request_hook, HookType.BEFORE)
     scheduler_hook.register()
+    from kvcomm_sglang.runtime_patch import auto
+
+    if auto.enabled():
+        auto.register()
     _registered = True
 
 

@@ -341,3 +341,9 @@ def test_vanilla_server_greedy_and_radix_hits(vanilla_server):
     meta = second["meta_info"]
     assert meta["cached_tokens"] > 0, meta
     assert meta["cached_tokens"] == meta["prompt_tokens"] - 1, "all but the last prompt token"
+
+
+def test_kvcomm_auto_flag_becomes_the_plugins_env():
+    cmd, env = launch.build_command(["--device", "cpu", "--kvcomm-auto"], {})
+    assert "--kvcomm-auto" not in cmd and env[launch.AUTO_ENV] == "1"
+    assert launch.AUTO_ENV not in launch.build_command(["--device", "cpu"], {})[1]

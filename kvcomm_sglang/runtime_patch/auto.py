@@ -1,0 +1,230 @@
+"""Auto mode (``kvcomm-sglang serve --kvcomm-auto``): plain clients get KVCOMM with no hints.
+
+In the launcher process, before a plain request reaches SGLang's tokenizer manager, it is made
+the same KVCOMM request ``KVCommEndpoint`` would send (docs/protocol.md, "Auto mode"): its
+workflow's namespace in ``extra_key``, its shared spans as a layout, its output captured as a
+message; the agent's template pass and base requests for new shared input are sent first, on
+the request's own clock. Applies to ``/v1/chat/completions``, ``/v1/completions`` and
+``/generate`` with ``text``, one prompt with one choice (``n`` = 1), no LoRA, images, input
+embeddings, sessions or KVCOMM hints of its own; others are served exactly as by SGLang. Any
+error while preparing serves the request as it came (logged).
+
+Hooks (SGLang 0.5.17): ``OpenAIServingChat/Completion._convert_to_internal_request`` (AROUND:
+notes the chat contents and the ``user`` field on the internal request),
+``TokenizerManager.generate_request`` (AROUND: the rewrite, the internal requests, and the
+message record when the output finishes); ``auto_report.py`` adds the response field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+
+from kvcomm_sglang import protocol
+from kvcomm_sglang.runtime_patch import auto_report
+from kvcomm_sglang.runtime_patch.auto_spans import char_spans, token_spans
+from kvcomm_sglang.runtime_patch.auto_workflows import (MIN_MESSAGE_CHARS, AutoCall,
+                                                       WorkflowTable, namespace_for)
+
+ENV = "KVCOMM_AUTO"
+WORKFLOW_HEADER = "x-kvcomm-workflow"
+OFF_HEADER = "x-kvcomm-auto"          # "off": this request is served exactly as by SGLang
+MAX_WORKFLOW_ID_CHARS = 256
+OPENAI = "sglang.srt.entrypoints.openai"
+TARGETS = (f"{OPENAI}.serving_chat.OpenAIServingChat._convert_to_internal_request",
+           f"{OPENAI}.serving_completions.OpenAIServingCompletion._convert_to_internal_request")
+GENERATE = "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request"
+PLAIN_ONLY = ("lora_path", "input_embeds", "image_data", "video_data", "audio_data",
+              "session_params", "session_id")
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AutoInput:
+    """What the OpenAI layer knows and the internal request does not."""
+
+    user: str | None
+    contents: tuple[str, ...] = ()        # chat message contents (system prompts excluded)
+
+
+class AutoMode:
+    """The launcher's auto-mode state: a random secret (namespaces), the workflows."""
+
+    def __init__(self):
+        self.secret = secrets.token_bytes(32)
+        self.workflows = WorkflowTable()
+        self.base_headers: dict[int, list[int]] = {}
+
+
+_auto = AutoMode()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target in TARGETS:
+        HookRegistry.register(target, convert_hook, HookType.AROUND)
+    HookRegistry.register(GENERATE, generate_hook, HookType.AROUND)
+    auto_report.register()
+
+
+def convert_hook(original, serving, request, raw_request=None, *args, **kwargs):
+    adapted, processed = original(serving, request, raw_request, *args, **kwargs)
+    contents = tuple(_contents(getattr(request, "messages", None) or ()))
+    adapted.kvcomm_auto = AutoInput(getattr(request, "user", None), contents)
+    return adapted, processed
+
+
+def _contents(messages):
+    for message in messages:
+        if getattr(message, "role", None) in ("system", "developer"):
+            continue
+        content = getattr(message, "content", None)
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (part.text for part in content if isinstance(getattr(part, "text", None), str))
+
+
+async def generate_hook(original, manager, obj, request=None, *args, **kwargs):
+    call = wf = None
+    headers = getattr(request, "headers", None) or {}
+    if _applies(obj) and headers.get(OFF_HEADER, "").lower() != "off":
+        wf = _auto.workflows.get(workflow_namespace(obj, request))
+        try:
+            async with wf.lock:
+                call = await _prepare(original, manager, obj, wf)
+        except Exception:                     # never fail a plain request over its reuse
+            logger.exception("kvcomm auto: serving a request as it came")
+            call = None
+    record = auto_report.Record(call) if call is not None else None
+    if record is not None:
+        obj.kvcomm_auto_record = record
+    async for out in original(manager, obj, request, *args, **kwargs):
+        if record is not None and record.observe(out, _incremental(manager, obj)):
+            _remember(wf, call, record)
+        yield out
+
+
+def workflow_namespace(obj, request) -> str:
+    """The one place a request is mapped to its workflow namespace (docs/isolation.md): the
+    tenant is the request's API key plus its cache salt (``extra_key``), the workflow the
+    ``X-KVCOMM-Workflow`` header, else the OpenAI ``user`` field, else the tenant's default."""
+    headers = getattr(request, "headers", None) or {}
+    key = headers.get("authorization", "")
+    salt = obj.extra_key or ""
+    auto = getattr(obj, "kvcomm_auto", None)
+    workflow = headers.get(WORKFLOW_HEADER) or (auto.user if auto is not None else None) or ""
+    if not isinstance(workflow, str) or len(workflow) > MAX_WORKFLOW_ID_CHARS:
+        raise ValueError(f"a workflow id ({WORKFLOW_HEADER} or user) is at most "
+                         f"{MAX_WORKFLOW_ID_CHARS} characters")
+    return namespace_for(_auto.secret, f"{key}\x00{salt}", workflow)
+
+
+def _applies(obj) -> bool:
+    """A single plain generation the auto mode may rewrite."""
+    params = obj.sampling_params if isinstance(obj.sampling_params, dict) else None
+    custom = (params or {}).get("custom_params")
+    single_text = isinstance(obj.text, str) and obj.input_ids is None
+    chat = getattr(obj, "kvcomm_auto", None) is not None and _flat_ids(obj.input_ids)
+    return (params is not None and (single_text or chat) and params.get("n", 1) == 1
+            and not (isinstance(custom, dict) and protocol.CUSTOM_PARAMS_KEY in custom)
+            and not (isinstance(obj.extra_key, str)
+                     and obj.extra_key.startswith(protocol.NAMESPACE_PREFIX))
+            and not any(getattr(obj, name, None) for name in PLAIN_ONLY)
+            and (obj.rid is None or isinstance(obj.rid, str)))
+
+
+def _flat_ids(ids) -> bool:
+    return isinstance(ids, list) and bool(ids) and all(type(t) is int for t in ids)
+
+
+async def _prepare(original, manager, obj, wf) -> AutoCall | None:
+    tokenizer = manager.tokenizer
+    prompt = _text_and_offsets(tokenizer, obj)
+    if prompt is None:
+        return None
+    text, ids, offsets = prompt
+    auto = getattr(obj, "kvcomm_auto", None)
+    spans = char_spans(text, wf.candidates(), auto.contents if auto else (), MIN_MESSAGE_CHARS)
+    call = wf.plan(ids, token_spans(text, offsets, spans), _tokenizer_fn(tokenizer),
+                   _base_header(tokenizer))
+    if call.template_pass is not None:
+        await _send(original, manager, *call.template_pass, wf.namespace)
+        wf.templates_sent.add(call.agent)
+    for base_ids, hints, message in call.bases:
+        await _send(original, manager, base_ids, hints, wf.namespace)
+        wf.on_server.add(message.id)
+    obj.text, obj.input_ids, obj.extra_key = None, ids, wf.namespace
+    obj.sampling_params = {**obj.sampling_params,
+                           "custom_params": {**(obj.sampling_params.get("custom_params") or {}),
+                                             **call.hints}}
+    return call
+
+
+def _text_and_offsets(tokenizer, obj):
+    """(text, ids, offsets) of the prompt exactly as SGLang tokenizes it, or None when the
+    tokenizer cannot give character offsets that reproduce those ids."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    if obj.text is not None:
+        enc = tokenizer(obj.text, return_offsets_mapping=True)
+        return obj.text, list(enc["input_ids"]), enc["offset_mapping"]
+    ids = list(obj.input_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for special in (False, True):
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return text, ids, enc["offset_mapping"]
+    return None
+
+
+def _tokenizer_fn(tokenizer):
+    return lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _base_header(tokenizer) -> list[int]:
+    """The neutral context a base request computes new shared input after: the chat
+    template's text before a lone user message's content (or nothing without a template)."""
+    key = id(tokenizer)
+    if key not in _auto.base_headers:
+        header = []
+        if getattr(tokenizer, "chat_template", None):
+            marker = "\x00kvcomm\x00"
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                                     tokenize=False)
+            header = list(tokenizer(rendered.split(marker)[0], add_special_tokens=False)["input_ids"])
+        _auto.base_headers[key] = header
+    return _auto.base_headers[key]
+
+
+async def _send(original, manager, ids, custom_params, namespace) -> None:
+    """One internal request (template pass or base request): one new token, awaited."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    obj = GenerateReqInput(input_ids=list(ids), extra_key=namespace,
+                           sampling_params={"max_new_tokens": 1, "temperature": 0,
+                                            "custom_params": custom_params})
+    async for _ in original(manager, obj, None):
+        pass
+
+
+def _incremental(manager, obj) -> bool:
+    return bool(obj.stream and getattr(manager, "incremental_streaming_output", False))
+
+
+def _remember(wf, call: AutoCall, record) -> None:
+    """The call finished: its output is a message (captured on the server), and what the
+    server said it lost is sent again next time."""
+    report = record.report or {}
+    wf.forget(report.get("fallback_reason"), call.agent, call.messages)
+    text, ids = record.text, record.output_ids[:-1]
+    if record.aborted or len(ids) < 1 or len(text) < MIN_MESSAGE_CHARS:
+        return
+    wf.add(text, ids, call.role, call.capture[1], call.agent, call.capture[0], on_server=True)
