@@ -1,8 +1,9 @@
 """ReusePlan for one consumer call, or a Fallback with its reason (spec §5.2, §2.5, §4, §3).
 
 ``KVCommState`` holds, for one workflow namespace, the shared contents' base KV; the agents'
-template KV and the anchor pools are its application's (``application.ApplicationState``). Stored KV keeps the positions of its frame: all zeros when de-rotated
-(DESIGN §4), the positions where it was computed in the official (absolute) mode.
+template KV and the anchor pools are its application's (``application.ApplicationState``).
+Stored KV keeps the positions of its frame: all zeros when de-rotated (DESIGN §4), the
+positions where it was computed in the official (absolute) mode.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Per workflow namespace (the request's ``extra_key``) a core ``KVCommState`` holds the messages'
 base KV; per application (``applications.py``, shared by its workflows) an ``ApplicationState``
 holds the agents' templates, found by their tokens, and the anchors; all stored in the server's
-KV pool through the segment store. The runtime decides per request (reuse or dense, with a reason), builds the
-materialize plan for the reused tail, and captures templates, messages and anchors when a
-request finishes. Decisions depend only on token ids, message ids and the namespace's and its
+KV pool through the segment store. The runtime decides per request (reuse or dense, with a
+reason), builds the materialize plan for the reused tail, and captures templates, messages and
+anchors when a request finishes. Decisions depend only on token ids, message ids and the namespace's and its
 application's state.
 """
 
