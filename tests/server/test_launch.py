@@ -347,3 +347,13 @@ def test_kvcomm_auto_flag_becomes_the_plugins_env():
     cmd, env = launch.build_command(["--device", "cpu", "--kvcomm-auto"], {})
     assert "--kvcomm-auto" not in cmd and env[launch.AUTO_ENV] == "1"
     assert launch.AUTO_ENV not in launch.build_command(["--device", "cpu"], {})[1]
+
+
+@pytest.mark.parametrize("flag", [["--kvcomm-anchor-path", "anchors"],
+                                  ["--kvcomm-anchor-path=anchors"]])
+def test_kvcomm_anchor_path_becomes_an_absolute_env_path(flag):
+    cmd, env = launch.build_command(["--device", "cpu", *flag, "--port", "7"], {})
+    assert not any(arg.startswith("--kvcomm-anchor-path") or arg == "anchors" for arg in cmd)
+    assert env[launch.ANCHOR_PATH_ENV] == str(pathlib.Path("anchors").resolve())
+    assert args_of(cmd)[args_of(cmd).index("--port") + 1] == "7"
+    assert launch.ANCHOR_PATH_ENV not in launch.build_command(["--device", "cpu"], {})[1]
