@@ -30,8 +30,8 @@ bench-quality: venv model
 bench-ttft-cpu: venv model       ## per-agent TTFT, dense vs KVCOMM, on the CPU server
 	$(BIN)/python benchmarks/ttft_cpu.py --out bench-results/ttft_cpu.json
 
-bench-agreement: venv model      ## KVCOMM vs dense greedy agreement inside the CPU server
-	$(BIN)/python benchmarks/agreement_cpu.py --out bench-results/agreement_cpu.json
+bench-agreement: venv model      ## same-call agreement with dense + noise floor, CPU server
+	$(BIN)/python benchmarks/agreement.py --out bench-results/agreement.json
 
 soak: venv model                 ## 8 workflows for 120 s on a small-pool CPU server: must end with 0 faults
 	$(BIN)/python benchmarks/soak.py --duration 120 --json bench-results/soak.json

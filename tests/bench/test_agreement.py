@@ -7,7 +7,9 @@ import torch
 from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.planner import ReusePlan
 from tests.core.synthetic import TEMPLATES, World
+from tests.core.test_planner import run_request
 from tests.harness import agreement, workflow
+from tests.harness.runner import ABLATIONS, ablate
 
 
 def test_compare_scores_tokens_verdict_and_judge():
@@ -71,3 +73,30 @@ def test_position_only_reuses_without_anchors_and_only_rotates():
     k, v = world.state.assemble("2", needed, plan)
     k0, v0 = world.state.assemble("2", needed)
     assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablation_zeroes_one_part_of_the_correction(ablation):
+    world = World()
+    keys = {}
+    for _ in range(3):                       # anchors learned by dense runs
+        keys, _ = run_request(world)
+    needed = {ph: keys[ph] for ph in TEMPLATES["2"][1]}
+    plan = world.state.plan("2", needed)
+    assert isinstance(plan, ReusePlan)
+    cached = [p.weights_k.clone() for p in plan.pieces if p.anchors]
+    full = world.state.assemble("2", needed, plan)
+    none = world.state.assemble("2", needed)
+    assert not torch.equal(full[0], none[0]) and not torch.equal(full[1], none[1])
+    k, v = world.state.assemble("2", needed, ablate(plan, ablation))
+    layout = plan.layout
+    for piece in layout.pieces[1:]:
+        span = slice(piece.start, piece.start + piece.length)
+        kind_off = {"no_template_correction": "template",
+                    "no_content_correction": "content"}.get(ablation, piece.kind)
+        off_k = ablation != "no_value_correction" and piece.kind == kind_off
+        off_v = ablation != "no_key_correction" and piece.kind == kind_off
+        assert torch.equal(k[:, span], (none if off_k else full)[0][:, span])
+        assert torch.equal(v[:, span], (none if off_v else full)[1][:, span])
+    assert all(torch.equal(a, p.weights_k) for a, p in zip(cached, [p for p in plan.pieces
+                                                                   if p.anchors]))

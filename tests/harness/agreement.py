@@ -76,3 +76,8 @@ def paired_difference(rows: list[dict], other: list[dict], name: str) -> dict | 
         return None
     return {"difference": sum(diffs) / len(diffs), "ci95": bootstrap_ci(diffs),
             "calls": len(diffs)}
+
+
+def mean_of(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None

@@ -5,12 +5,17 @@ naive          every call reuses the cached KV of every piece as computed, keys 
 position_only  every call reuses the cached KV, keys re-rotated to the new positions (no anchors)
 kvcomm         KVCOMM: re-rotation + anchor offsets, dense fallback when the anchors cannot vouch
 
-Reuse modes recompute only the last prompt token, then decode greedily. Every reused call is
-also prefilled densely (same ids) to measure the KV error and the same-prompt first token.
+Reuse modes recompute only the last prompt token (``recompute`` tokens), then decode greedily.
+Every reused call is also prefilled densely (same ids) to measure the KV error and the
+same-prompt first token. With a ``reference`` (the dense run's generations), every call's prompt
+holds the dense answers before it and the messages are registered from them: each mode answers
+the very prompts dense answered (same calls, no cascade). ``ablation`` zeroes one part of the
+anchor correction in every plan (``ABLATIONS``); ``judge`` adds the judge agent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +26,8 @@ from kvcomm_sglang.planner import Fallback, KVCommState
 from tests.harness import workflow
 
 MODES = ("dense", "naive", "position_only", "kvcomm")
+ABLATIONS = ("no_value_correction", "no_key_correction", "no_template_correction",
+             "no_content_correction")
 
 
 @dataclass
@@ -36,18 +43,24 @@ class Call:
     first_token: int
     dense_first_token: int         # first token of a dense prefill of the same prompt
     kv_rel_error: float            # reused span, layers >= 1, vs dense prefill of the same ids
+    dense_answer_ids: list[int] | None = None   # with a reference: dense's answer, same prompt
 
 
 class WorkflowRunner:
     def __init__(self, hf, mode: str, config: KVCommConfig | None = None,
-                 max_new_tokens: int = 32):
+                 max_new_tokens: int = 32, judge: bool = False, ablation: str | None = None,
+                 recompute: int = 1):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        if ablation is not None and ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
         self.hf, self.mode, self.max_new_tokens = hf, mode, max_new_tokens
+        self.ablation, self.recompute = ablation, recompute
+        self.generations: dict[tuple[int, int], object] = {}   # (question, agent) -> Generation
         self.state = KVCommState(config or KVCommConfig(), hf.rope, namespace="quality")
         self.stats = ReuseStats()
         self.raw: dict[str, tuple] = {}          # naive mode: KV exactly as computed
-        self.templates = workflow.agent_templates(hf.render_chat, hf.encode)
+        self.templates = workflow.agent_templates(hf.render_chat, hf.encode, judge=judge)
         for template in self.templates:
             self._template_pass(template)
 
@@ -64,7 +77,9 @@ class WorkflowRunner:
                                      out.k, out.v, spans)
         self.raw[template.agent] = [(out.k[:, s:e], out.v[:, s:e]) for s, e in spans]
 
-    def run_question(self, index: int, question: str) -> list[Call]:
+    def run_question(self, index: int, question: str, reference: dict | None = None) -> list[Call]:
+        """All agents on one question; ``reference`` ((question, agent) -> dense Generation):
+        messages are dense's answers, and each call also keeps dense's answer to compare."""
         base = workflow.question_base(question, self.hf.encode)
         out = self.hf.prefill(base.ids)
         k, v = out.k[:, base.drop:], out.v[:, base.drop:]
@@ -76,6 +91,12 @@ class WorkflowRunner:
             needed = {ph: keys[ph] for ph in template.placeholders}
             call, gen = self._call(index, template.agent, needed)
             calls.append(call)
+            if self.mode == "dense":     # the reference of later modes (no prompt KV kept)
+                self.generations[(index, call.agent)] = dataclasses.replace(
+                    gen, prompt_k=None, prompt_v=None)
+            if reference is not None:
+                gen = reference[(index, call.agent)]
+                call.dense_answer_ids = gen.ids
             response = self.state.register_response(f"agent_{template.agent}_current", gen.ids,
                                                     gen.k, gen.v, call.prompt_tokens)
             self.raw[response.key] = (gen.k, gen.v)
@@ -98,16 +119,25 @@ class WorkflowRunner:
         if self.mode == "naive":
             k, v = self._naive_assembly(agent, needed)
         else:
-            k, v = self.state.assemble(agent, needed, plan)
-        gen = self.hf.generate_greedy((k[:, :-1], v[:, :-1]), ids[-1], self.max_new_tokens)
+            k, v = self.state.assemble(agent, needed, ablate(plan, self.ablation))
+        gen = self._generate(ids, k, v)
         ref = self.hf.prefill(ids)
         span = slice(layout.prefix_length, n - 1)
         err = relative_error(torch.cat([k[:, span], v[:, span]]),
                              torch.cat([ref.k[:, span], ref.v[:, span]]))
-        reused = n - layout.prefix_length - 1
+        reused = n - layout.prefix_length - self.recompute
         self.stats.record_call(agent, n, reused)
         return Call(index, int(agent), self.mode, "reuse", None, n, reused, gen.ids,
                     int(gen.logits_first.argmax()), int(ref.logits_last.argmax()), err), gen
+
+    def _generate(self, ids, k, v):
+        """Greedy answer from the assembled KV, the last ``recompute`` prompt tokens computed."""
+        r = min(self.recompute, len(ids) - 1)
+        past = (k[:, :len(ids) - r], v[:, :len(ids) - r])
+        if r > 1:
+            head = self.hf.prefill(ids[len(ids) - r:-1], past, len(ids) - r)
+            past = (torch.cat([past[0], head.k], 1), torch.cat([past[1], head.v], 1))
+        return self.hf.generate_greedy(past, ids[-1], self.max_new_tokens)
 
     def _naive_assembly(self, agent: str, needed: dict[str, str]):
         pieces = self.raw[agent]
@@ -118,3 +148,22 @@ class WorkflowRunner:
             ks += [ck, pieces[i][0]]
             vs += [cv, pieces[i][1]]
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
+def ablate(plan, ablation: str | None):
+    """The plan with one part of the anchor correction zeroed (new weight tensors: the cached
+    weights the plan points at stay intact)."""
+    if ablation is None or plan is None:
+        return plan
+    pieces = []
+    for piece in plan.pieces:
+        off_k = ablation == "no_key_correction" or (ablation == "no_template_correction"
+                                                    and piece.kind == "template") or \
+            (ablation == "no_content_correction" and piece.kind == "content")
+        off_v = ablation == "no_value_correction" or (ablation == "no_template_correction"
+                                                      and piece.kind == "template") or \
+            (ablation == "no_content_correction" and piece.kind == "content")
+        wk = torch.zeros_like(piece.weights_k) if off_k and piece.anchors else piece.weights_k
+        wv = torch.zeros_like(piece.weights_v) if off_v and piece.anchors else piece.weights_v
+        pieces.append(dataclasses.replace(piece, weights_k=wk, weights_v=wv, packed=None))
+    return dataclasses.replace(plan, pieces=pieces)
