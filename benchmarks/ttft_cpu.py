@@ -93,6 +93,10 @@ def summarize_agents(rounds: list[dict]) -> list[dict]:
             "dense_ttft_s": d, "kvcomm_ttft_s": k, "speedup": d / k,
             "p99_kvcomm_ttft_s": wc.percentile([c.ttft_s for c in kv], 99),
             "dense_radix_hit_ttft_s": wc.median([c.ttft_s for c in hits]),
+            # first to last token: the same decode in both modes, plus KVCOMM's capture, which
+            # runs before SGLang streams the last token (on the critical path of the next agent)
+            "dense_decode_s": wc.median([c.done_s - c.ttft_s for c in dense]),
+            "kvcomm_decode_s": wc.median([c.done_s - c.ttft_s for c in kv]),
             "kvcomm_reused_calls_ttft_s": wc.median([c.ttft_s for c in reused]),
             "plan_ms": field("plan_ms"), "materialize_ms": field("materialize_ms"),
             "forward_ms": field("forward_ms"), "reuse_path_ms": field("reuse_path_ms"),
@@ -107,13 +111,15 @@ def print_tables(result: dict) -> None:
     print("\nper-agent TTFT (s, medians; the agent's own call only: the workflow's other "
           "requests are in the workflow table)")
     print(f"{'agent':>5} {'prompt':>7} {'dense':>7} {'kvcomm':>7} {'speedup':>8} {'p99 kv':>7} "
-          f"{'radix hit':>9} {'reused':>7} {'plan ms':>8} {'mat. ms':>8} {'fwd ms':>7}")
+          f"{'radix hit':>9} {'reused':>7} {'plan ms':>8} {'mat. ms':>8} {'fwd ms':>7} "
+          f"{'decode d/kv s':>14}")
     for a in result["agents"]:
         print(f"{a['agent']:>5} {a['prompt_tokens']:>7} {a['dense_ttft_s']:>7.3f} "
               f"{a['kvcomm_ttft_s']:>7.3f} {a['speedup']:>7.2f}x "
               f"{fmt(a['p99_kvcomm_ttft_s']):>7} {fmt(a['dense_radix_hit_ttft_s']):>9} "
               f"{a['reused_calls']:>3}/{a['calls']:<3} {fmt(a['plan_ms'], '.1f'):>8} "
-              f"{fmt(a['materialize_ms'], '.1f'):>8} {fmt(a['forward_ms'], '.1f'):>7}")
+              f"{fmt(a['materialize_ms'], '.1f'):>8} {fmt(a['forward_ms'], '.1f'):>7} "
+              f"{a['dense_decode_s']:>6.2f}/{a['kvcomm_decode_s']:<6.2f}")
     w = result["workflow"]
     print(f"\nper workflow (ms, medians of {w['workflows']}; every request counted, no sleeps)")
     print(f"prefill (sum of TTFTs): dense {w['dense_prefill_ms']:.0f}, KVCOMM "
