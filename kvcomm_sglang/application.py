@@ -92,13 +92,6 @@ class ApplicationState:
             emb = known.emb if known is not None else self.make_kv(base.k, base.v, base.positions)
         return pool.add(key, emb, consumer, deviation)
 
-    def forget_consumer(self, agent: str) -> None:
-        """``agent``'s template changed: the deviations learned under the old one no longer
-        describe its prompts; its anchors learn again from its next dense prefills."""
-        for pool in self.anchors.pools.values():
-            for anchor in pool.anchors.values():
-                anchor.deviations.pop(agent, None)
-
     def _anchor_evicted(self, anchor) -> None:
         for workflow in list(self.workflows):
             workflow.anchor_evicted(anchor)

@@ -371,9 +371,6 @@ class KVCommState:
         base_k = source.keys_at(dst, self.rope)
         return make(rk - base_k, rv - base_v, dst), make(base_k, base_v, dst)
 
-    def forget_consumer(self, agent: str) -> None:
-        self.app.forget_consumer(agent)
-
     def release_caches(self) -> None:
         """Give every content's distances and weights back to the shared budget (the workflow
         is going away; its application no longer tells it of evicted anchors)."""
