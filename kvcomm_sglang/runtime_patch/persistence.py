@@ -85,6 +85,8 @@ class AnchorPersistence:
     # ---- restore ----
     def restore_named(self, runtime, reqs) -> None:
         """Restore the saved applications that ``reqs`` name (before they are matched)."""
+        if not self.pending:
+            return
         for req in reqs:
             extra = getattr(req, "extra_key", None)
             if not (isinstance(extra, str) and extra.startswith(NAMESPACE_PREFIX)):
