@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kvcomm-installed
 PIP    := $(BIN)/pip install -q --no-cache-dir   # the venv is ~5.5 GB; a wheel cache would add ~3 GB
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement soak serve model clean
+.PHONY: venv test demo bench-quality bench-ttft-cpu bench-agreement bench-applications soak serve model clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ bench-ttft-cpu: venv model       ## per-agent TTFT, dense vs KVCOMM, on the CPU 
 
 bench-agreement: venv model      ## same-call agreement with dense + noise floor, CPU server
 	$(BIN)/python benchmarks/agreement.py --out bench-results/agreement.json
+
+bench-applications: venv model   ## 8 new workflows at once on a warm application, then a restart
+	$(BIN)/python benchmarks/applications.py --out bench-results/applications_cpu.json
 
 soak: venv model                 ## 8 workflows for 120 s on a small-pool CPU server: must end with 0 faults
 	$(BIN)/python benchmarks/soak.py --duration 120 --json bench-results/soak.json
