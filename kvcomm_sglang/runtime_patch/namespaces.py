@@ -12,8 +12,9 @@ ends with a sweep that frees the rest. Bounds:
   (``namespace_limit``): flooding namespaces cannot wipe active workflows;
 * a namespace (and an application) holds at most its quota of store tokens: over it, it evicts
   its own state only;
-* when the whole store is full, the holder (namespace or application) holding the most gives
-  room first, so one within its fair share is the last to lose anything.
+* when the whole store is full, the workflows no live request uses give room first, least
+  recently used first; then the holder (namespace or application) holding the most, so one
+  within its fair share is the last to lose anything.
 """
 
 from __future__ import annotations
@@ -143,10 +144,16 @@ class NamespaceTable:
             self.evict_largest_first(over_budget)
 
     def evict_largest_first(self, tokens: int) -> int:
-        """Free ``tokens`` store slots, taking from the holders holding the most first."""
-        usage = self.runtime.store.usage
+        """Free ``tokens`` store slots: first from the workflows no live request uses, least
+        recently used first (a finished workflow's messages are read by nobody again), then
+        from every holder, the one holding the most first. Applications come last: their
+        templates and anchors serve every new workflow, and a warm application is the largest
+        holder, so largest-first alone gave it up for finished workflows' messages."""
+        usage, pinned = self.runtime.store.usage, self.runtime.pinned_namespaces()
+        idle = [ns for ns in self.items.values() if ns.name not in pinned]   # oldest first
+        rest = sorted(self.holders().values(), key=lambda h: -usage[h.owner])
         freed = 0
-        for holder in sorted(self.holders().values(), key=lambda h: -usage[h.owner]):
+        for holder in idle + rest:
             if freed >= tokens:
                 break
             freed += self.evict_within(holder, tokens - freed)
