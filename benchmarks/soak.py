@@ -14,9 +14,10 @@ start that server with the same flags yourself. Every KVCOMM metric the verdict 
 /metrics (a missing one fails the run), and the invariant checker must have run.
 
 The defaults put pressure first: a 1500-token pool holds the running requests and little else,
-so the store is evicted all the time and few calls are reused. Reuse (materialize under aborts,
-chunked prefill of reused requests) needs the workflows' namespaces to stay warm, e.g.
-``--max-total-tokens 10000 --kvcomm-config '{"debug_invariants": true, "gamma": 1.0}'``.
+so the store is evicted all the time. The workflows share ``--applications`` applications, whose
+templates and anchors outlive any one workflow, and the entropy gate is off (γ = 1), so the
+reuse path (load-back under aborts, chunked prefill of reused requests, eviction of what a plan
+reads) runs under that pressure: the soak tests safety, not the gate's choices.
 Faults: 5xx, cut streams and refused or hanging connections (errors_5xx), a 4xx on a valid
 request (unexpected_4xx), a 200 on a request that must be refused (hostile_not_refused).
 """
@@ -27,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import secrets
 import pathlib
 import sys
 import threading
@@ -64,11 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule-conservativeness", type=float, default=0.05,
                    help="SGLang's admission reserve for decode; near 0 it packs the pool, so "
                         "decode runs out of memory and requests are retracted")
-    p.add_argument("--kvcomm-config", default='{"debug_invariants": true}')
+    p.add_argument("--kvcomm-config", default='{"debug_invariants": true, "gamma": 1.0}')
     p.add_argument("--prefix-tokens", type=int, default=16, help="agent system prefix")
     p.add_argument("--question-tokens", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=48,
                    help="tokens of each agent's answer (decode growth: retraction)")
+    p.add_argument("--applications", type=int, default=2,
+                   help="the workflows share this many applications (templates and anchors); "
+                        "0: every workflow is its own application")
     p.add_argument("--questions-per-workflow", type=int, default=4,
                    help="then the thread opens a fresh namespace")
     p.add_argument("--extra-rate", type=float, default=0.5,
@@ -123,7 +128,9 @@ class StoreSampler(threading.Thread):
 def run_load(url: str, args) -> tuple[Tally, StoreSampler]:
     tally, sampler = Tally(), StoreSampler(url, args.metrics_every_s)
     deadline = time.monotonic() + args.duration
-    loops = [threading.Thread(target=WorkflowLoop(url, i, args, tally, deadline).run,
+    apps = [(a, secrets.token_urlsafe(16)) for a in range(args.applications)]
+    loops = [threading.Thread(target=WorkflowLoop(url, i, args, tally, deadline,
+                                                  apps[i % len(apps)] if apps else (i, "")).run,
                               name=f"workflow-{i}", daemon=True) for i in range(args.workflows)]
     sampler.start()
     for thread in loops:
@@ -216,7 +223,8 @@ def soak(url: str, log_path, args) -> dict:
     result = {"device": device_name() if args.device == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "duration_s": args.duration, "load_s": round(load_s, 1),
-              "workflows": args.workflows, "server": url if args.url else server_args(args),
+              "workflows": args.workflows, "applications": args.applications,
+              "server": url if args.url else server_args(args),
               "kvcomm_config": None if args.url else args.kvcomm_config,
               "server_log": str(log_path),
               **traffic_counts(tally), **counts, **health}

@@ -1,7 +1,10 @@
 """The soak's traffic: multi-agent workflows (KVCOMM protocol v1, docs/protocol.md) with aborted
 streams, plain requests and hostile requests interleaved, and the tally of every response.
 
-A workflow thread opens a fresh secret namespace, registers its agents' templates, then runs
+A workflow thread opens a fresh secret workflow namespace of its application
+(``kvcomm:<application>.<workflow>``: the threads share ``--applications`` applications, so
+their agents' templates and anchors are shared and reuse happens under load, as in a service
+that starts one workflow per user question), registers its agents' templates, then runs
 questions: a base request for the question, then the agents in order, each prompt holding the
 question and the earlier agents' answers (token ids, as ``benchmarks/ttft_gpu.py``'s workload,
 so no tokenizer is needed and any model's server can be soaked). Before each agent call it may
@@ -87,11 +90,17 @@ def _fault(category: str, outcome: Outcome) -> str | None:
 class WorkflowLoop:
     """One thread's workflows, back to back until ``deadline`` (time.monotonic())."""
 
-    def __init__(self, url: str, index: int, args, tally: Tally, deadline: float):
+    def __init__(self, url: str, index: int, args, tally: Tally, deadline: float,
+                 application: tuple[int, str] = (0, "")):
+        """``application`` = (index, secret): threads of one application send the same agent
+        templates (seeded by its index) under ``kvcomm:<secret>.<workflow>``; an empty secret
+        makes every workflow its own application."""
         self.url, self.args, self.tally, self.deadline = url, args, tally, deadline
         self.rng = random.Random(args.seed * 1000 + index)
+        app_index, self.app_secret = application
         self.work = Workload(NUM_AGENTS, args.prefix_tokens, (100, args.vocab_max),
-                             seed=args.seed * 1000 + index)
+                             seed=args.seed * 1000 + app_index)
+        self.work.rng = random.Random(args.seed * 1000 + index)     # this thread's questions
         self.namespace = ""
 
     def run(self) -> None:
@@ -99,7 +108,7 @@ class WorkflowLoop:
         still gets one whole workflow from every thread)."""
         asked = False
         while not asked or time.monotonic() < self.deadline:
-            self.namespace = "kvcomm:" + secrets.token_urlsafe(16)
+            self.namespace = new_namespace(self.app_secret)
             with self.tally.lock:
                 self.tally.namespaces += 1
             if not self.register_templates():
@@ -162,6 +171,12 @@ class WorkflowLoop:
             hostile = self.rng.choice(self.args.hostile)
             body = hostile_request(hostile, ids, layout, agent, self.namespace, self.rng)
             self.post("hostile:" + hostile, dict(body, stream=self.rng.random() < 0.5))
+
+
+def new_namespace(app_secret: str) -> str:
+    """A fresh secret workflow id, inside the application ``app_secret`` when there is one."""
+    workflow = secrets.token_urlsafe(16)
+    return f"kvcomm:{app_secret}.{workflow}" if app_secret else f"kvcomm:{workflow}"
 
 
 def streamed(ids, new_tokens: int, hints=None, namespace=None) -> dict:

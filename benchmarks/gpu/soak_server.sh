@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu/soak_server.sh [soak.py args ...]        # e.g. --duration 60
 #
-# Environment: POOL (--max-total-tokens, default 40000), CHUNK (--chunked-prefill-size, 512).
+# Environment: POOL (--max-total-tokens, default 40000), CHUNK (--chunked-prefill-size, 512),
+# KVCOMM_CONFIG (default {"gamma": 1.0}, as benchmarks/soak.py's own server).
 # Needs the stage in /tmp/site (shared/tools/gpu: device_receive.sh); run from the repo root.
 set -euo pipefail
 STAGE=/tmp/kvcomm-stage
@@ -21,6 +22,7 @@ printf '[sglang.srt.plugins]\nkvcomm = kvcomm_sglang.runtime_patch.plugin:regist
 bash $STAGE/launch_dummy.sh --stop soak >/dev/null 2>&1 || true
 trap 'cp /tmp/sglang_soak.log "$OUT/sglang_soak.log" 2>/dev/null || true' EXIT
 KVCOMM_CODE=$PWD SGLANG_PLUGINS=kvcomm KVCOMM_DEBUG_INVARIANTS=1 WAIT_S=420 PORT=30000 \
+  KVCOMM_CONFIG=${KVCOMM_CONFIG:-'{"gamma": 1.0}'} \
   SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1 \
   bash $STAGE/launch_dummy.sh soak --radix-cache-backend kvcomm --page-size 1 \
   --mem-fraction-static 0.85 --enable-metrics --max-total-tokens "${POOL:-40000}" \
