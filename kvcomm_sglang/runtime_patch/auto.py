@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import secrets
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from kvcomm_sglang.runtime_patch.auto_workflows import (MIN_MESSAGE_CHARS, AutoC
                                                        WorkflowTable, namespace_for)
 
 ENV = "KVCOMM_AUTO"
+ANCHOR_PATH_ENV, SECRET_FILE = "KVCOMM_ANCHOR_PATH", "auto-mode.secret"
 WORKFLOW_HEADER = "x-kvcomm-workflow"
 OFF_HEADER = "x-kvcomm-auto"          # "off": this request is served exactly as by SGLang
 MAX_WORKFLOW_ID_CHARS = 256
@@ -50,15 +52,32 @@ class AutoInput:
 
 
 class AutoMode:
-    """The launcher's auto-mode state: a random secret (namespaces), the workflows."""
+    """The launcher's auto-mode state: the secret namespaces are derived with, the workflows."""
 
     def __init__(self):
-        self.secret = secrets.token_bytes(32)
+        self.secret = server_secret(os.environ.get(ANCHOR_PATH_ENV))
         self.workflows = WorkflowTable()
         self.base_headers: dict[int, list[int]] = {}
 
 
-_auto = AutoMode()
+def server_secret(anchor_path: str | None) -> bytes:
+    """Random per start; with ``--kvcomm-anchor-path DIR`` kept in ``DIR/auto-mode.secret``
+    (created once, mode 0600), so a tenant's derived application id, and with it its saved
+    anchors, survives a restart."""
+    if not anchor_path:
+        return secrets.token_bytes(32)
+    path = pathlib.Path(anchor_path) / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    secret = secrets.token_bytes(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+    return secret
+
+
+_auto: AutoMode | None = None          # made by register(), in the launcher
 
 
 def enabled() -> bool:
@@ -66,7 +85,10 @@ def enabled() -> bool:
 
 
 def register() -> None:
+    global _auto
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    _auto = AutoMode()
 
     for target in TARGETS:
         HookRegistry.register(target, convert_hook, HookType.AROUND)
