@@ -246,6 +246,8 @@ def main(argv=None):
                         help="another mode: its KVCOMM_CONFIG, e.g. "
                              "'last_piece={\"recompute_last_piece\": true}' (repeatable)")
     parser.add_argument("--out", default="bench-results/agreement.json")
+    parser.add_argument("--keep", help="an earlier agreement JSON on the same --reference: its "
+                                        "modes are kept, not run again")
     parser.add_argument("--reference", help="JSON file: the dense reference is read from it "
                                              "when it exists, else computed and written there")
     args = parser.parse_args(argv)
@@ -253,7 +255,15 @@ def main(argv=None):
     started, scored, checks = time.time(), {}, {}
     saved = pathlib.Path(args.reference) if args.reference else None
     calls = json.loads(saved.read_text()) if saved and saved.exists() else None
+    if args.keep:                       # modes an earlier run scored on the same reference
+        kept = json.loads(pathlib.Path(args.keep).read_text())
+        for name, rows in kept["calls"].items():
+            modes.setdefault(name, kept["modes"][name]["config"])
+            scored[name] = rows
+        checks.update(kept.get("reference_reproduced", {}))
     for name, config in modes.items():
+        if name in scored:
+            continue
         env = {"KVCOMM_CONFIG": json.dumps(config), "KVCOMM_DEBUG_INVARIANTS": "1"}
         with ServerProcess(["--device", "cpu"], env=env) as server:
             if calls is None:
@@ -262,8 +272,11 @@ def main(argv=None):
                     saved.write_text(json.dumps(calls))
             else:
                 checks[name] = reproduced(server.url, calls, args.new_tokens)
+            # position_only learns nothing: all questions at once (the rest learn online)
+            streams = len({c["question"] for c in calls}) if config.get("position_only") \
+                else args.streams
             scored[name] = score(calls, run_mode(server.url, name, calls, args.new_tokens,
-                                                 args.streams))
+                                                 streams))
         write(args, modes, scored, checks, started)     # after every mode: a partial result
 
 
