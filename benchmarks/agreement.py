@@ -4,11 +4,11 @@ The workflow: the harness's 3 agents (Solver, Checker, Summarizer) and a Judge t
 Solver's or the Checker's answer (tests/harness/workflow.py), on the question set, greedy.
 
 1. Reference (the first mode's server): the workflow runs dense; every prompt holds the dense
-   answers before it. Agent by agent, every question's call is sent at once without hints in a
-   namespace whose tree holds the agents' templates (the prefill starts after the cached
-   prefix, one batch of all questions) = **dense**; then again, ``--streams`` at a time, each
-   in a fresh namespace (the whole prompt prefilled, other batches) = the **noise floor**: how
-   often bf16 rounding alone (another prefill split, other batch mates) changes an answer.
+   answers before it. Agent by agent, every question's call is sent at once without hints, in
+   a namespace whose tree holds the agents' templates (the prefill starts after the cached
+   prefix) = **dense**, and in the same wave in a fresh namespace each (the whole prompt
+   prefilled) = the **noise floor**: how often bf16 rounding alone (another prefill split,
+   another place in the batch) changes an answer.
 2. Each mode (a server started with that mode's KVCOMM_CONFIG): the very same prompts, with
    KVCOMM hints. ``--streams`` workflows of one application (they share its templates and
    anchors, docs/isolation.md) run at once, question i in workflow i % streams, each in
@@ -16,8 +16,9 @@ Solver's or the Checker's answer (tests/harness/workflow.py), on the question se
    answers agents 0 and 1 gave under dense become the messages later prompts reuse (base
    requests: the producer's prompt, then the answer, so the message's base KV is the
    producer's KV of those tokens). A difference is therefore that call's own, never a cascade
-   from an earlier answer. Each later server first re-sends the first agent's dense wave to
-   check that the reference reproduces (``reference_reproduced``).
+   from an earlier answer. Within a question the agents' calls go at once (their prompts are
+   known); questions follow each other per workflow. With ``--reproduce`` each later server
+   first re-sends the first agent's dense wave (``reference_reproduced``).
 
 Reported per mode, over the calls the mode served by reuse (``same_calls``), with 95 % bootstrap
 intervals: tests/harness/agreement.py's measures; agent-level reuse after the first
@@ -92,12 +93,10 @@ def reference(url: str, questions: int, new_tokens: int, streams: int) -> list[d
             ids, layout = prompt(t, contents[i])
             wave.append({"call": f"{i}.{t.agent}", "question": i, "agent": t.agent, "ids": ids,
                          "layout": [dataclasses.asdict(p) for p in layout]})
-        dense = parallel(lambda c: gen(url, c["ids"], new_tokens, namespace=plain),
-                         wave, len(wave))
-        noise = parallel(lambda c: gen(url, c["ids"], new_tokens,       # other batch mates
-                                       namespace="noise:" + new_namespace()), wave,
-                         max(streams, (len(wave) + 1) // 2))
-        for c, d, z in zip(wave, dense, noise):
+        jobs = [(c, plain) for c in wave] + [(c, "noise:" + new_namespace()) for c in wave]
+        answers = parallel(lambda job: gen(url, job[0]["ids"], new_tokens, namespace=job[1]),
+                           jobs, len(jobs))           # one wave: dense and noise batch together
+        for c, d, z in zip(wave, answers[:len(wave)], answers[len(wave):]):
             c["dense"], c["noise"] = d.output_ids, z.output_ids
             contents[c["question"]][f"agent_{t.agent}_current"] = (
                 f"q{c['question']}.a{t.agent}", c["dense"][:-1])
@@ -141,20 +140,25 @@ def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: i
 
 
 def run_question(url: str, ns: str, calls: list[dict], new_tokens: int) -> list[dict]:
+    """The question's messages first (its base, and dense's answers of agents 0 and 1 after
+    their prompts), then every agent's call at once: each prompt is known (it holds dense's
+    answers), and a consumer's plan needs its own deviations, which no other agent's dense
+    run of this question adds."""
     q = calls[0]["question"]
     base = workflow.question_base(workflow.QUESTIONS[q], encode)
     gen(url, base.ids, 1, protocol.encode(base=(f"q{q}.q", "user_question", base.drop)), ns)
-    rows = []
     for c in calls:
-        layout = [protocol.Piece(**p) for p in c["layout"]]
-        out = gen(url, c["ids"], new_tokens, protocol.encode(agent=c["agent"], layout=layout),
-                       ns)
-        rows.append({"call": c["call"], "question": q, "agent": c["agent"], **out.kvcomm,
-                     "ids": out.output_ids})
-        if c["agent"] in PRODUCERS:       # dense's answer is the message later prompts hold
+        if c["agent"] in PRODUCERS:
             gen(url, c["ids"] + c["dense"][:-1], 1, protocol.encode(
                 base=(f"q{q}.a{c['agent']}", f"agent_{c['agent']}_current", len(c["ids"]))), ns)
-    return rows
+
+    def call(c):
+        layout = [protocol.Piece(**p) for p in c["layout"]]
+        out = gen(url, c["ids"], new_tokens, protocol.encode(agent=c["agent"], layout=layout), ns)
+        return {"call": c["call"], "question": q, "agent": c["agent"], **out.kvcomm,
+                "ids": out.output_ids}
+
+    return parallel(call, calls, len(calls))
 
 
 def score(calls: list[dict], rows: list[dict]) -> list[dict]:
@@ -246,6 +250,8 @@ def main(argv=None):
                         help="another mode: its KVCOMM_CONFIG, e.g. "
                              "'last_piece={\"recompute_last_piece\": true}' (repeatable)")
     parser.add_argument("--out", default="bench-results/agreement.json")
+    parser.add_argument("--reproduce", action="store_true",
+                        help="on every later server, re-send the first agent's dense wave first")
     parser.add_argument("--keep", help="an earlier agreement JSON on the same --reference: its "
                                         "modes are kept, not run again")
     parser.add_argument("--reference", help="JSON file: the dense reference is read from it "
@@ -270,7 +276,7 @@ def main(argv=None):
                 calls = reference(server.url, args.questions, args.new_tokens, args.streams)
                 if saved:
                     saved.write_text(json.dumps(calls))
-            else:
+            elif args.reproduce:
                 checks[name] = reproduced(server.url, calls, args.new_tokens)
             # position_only learns nothing: all questions at once (the rest learn online)
             streams = len({c["question"] for c in calls}) if config.get("position_only") \
