@@ -103,7 +103,7 @@ class NamespaceTable:
                 return None
             ns = self.items[name] = Namespace(name, self.runtime, app)
         self.items.move_to_end(name)
-        ns.last_used = time.monotonic()
+        ns.last_used = ns.app.last_used = time.monotonic()
         return ns
 
     def _drop_one_idle(self) -> bool:
