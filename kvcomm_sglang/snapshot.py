@@ -4,7 +4,8 @@ saves and loads (docs/isolation.md, "Across restarts").
 ``snapshot`` copies every template (its key, piece ids, placeholders, piece KV) and every anchor
 (pool order, activations, embedding, each consumer template's deviations) out of stored blocks;
 ``restore`` writes them back through the application's block factory. A template whose ids do
-not hash to its key is refused, and with it every deviation learned under it.
+not hash to its saved key (``template_key``, also the name a server stores it under) is
+refused, and with it every deviation learned under it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _block(kv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def snapshot(app: ApplicationState) -> dict:
-    templates = [{"key": key, "piece_ids": [list(p) for p in t.piece_ids],
+    templates = [{"key": key, "hash": t.key, "piece_ids": [list(p) for p in t.piece_ids],
                   "placeholders": list(t.placeholders), "pieces": [_block(p) for p in t.pieces]}
                  for key, t in app.templates.items()]
     pools = {}
@@ -43,9 +44,10 @@ def restore(app: ApplicationState, data: dict) -> list[str]:
     refused, known = [], set()
     for entry in data["templates"]:
         ids = [tuple(int(t) for t in p) for p in entry["piece_ids"]]
-        if template_key(ids, entry["placeholders"]) != entry["key"]:
+        if template_key(ids, entry["placeholders"]) != entry["hash"]:
             refused.append(f"template {entry['key']}: its tokens hash to "
-                           f"{template_key(ids, entry['placeholders'])}, not to its key")
+                           f"{template_key(ids, entry['placeholders'])}, not to its key "
+                           f"{entry['hash']}")
             continue
         pieces = [app.make_kv(*block) for block in entry["pieces"]]
         app.templates[entry["key"]] = AgentTemplate(entry["key"], ids,
