@@ -11,6 +11,9 @@
    equals the dense one (``first_token_agree``: its first token); ``dense_calls_agree`` = the
    same for calls KVCOMM computed densely, which shows how far batching alone moves answers
    (the workflows run concurrently, so a call and its comparison share batches with others).
+   ``continued``: for comparison, the warm-up workflow itself goes on with as many other new
+   questions, one after another (reuse within one workflow, as before applications), its calls
+   compared with dense the same way.
 3. ``restart``: the server saved the application (``--kvcomm-anchor-path``) when it fell idle;
    it stops, a new server starts with the same directory, and one new workflow of the
    application answers one question: its calls' modes, with nothing warmed in that server.
@@ -44,12 +47,22 @@ def run_workflow(url: str, qid: str, question: str, application: str | None, new
     wf = Workflow(url, qid, new_tokens, application=application)
     calls = wf.run(qid, question, dense_url=url if dense else None)
     return {"question": qid, "wall_s": round(time.perf_counter() - start, 3),
-            "calls": [{"agent": agent, "mode": r.kvcomm["mode"],
-                       "reason": r.kvcomm["fallback_reason"],
-                       "reused_tokens": r.kvcomm["reused_tokens"], "prompt_tokens": n,
-                       "agrees": None if d is None else r.output_ids == d.output_ids,
-                       "first_agrees": None if d is None else r.output_ids[:1] == d.output_ids[:1]}
-                      for agent, r, d, n in calls]}
+            "calls": [call_row(agent, r, d, n) for agent, r, d, n in calls]}
+
+
+def continued(wf: Workflow, questions, i: int) -> dict:
+    """Question i in an existing workflow ``wf``, each call compared with dense."""
+    start = time.perf_counter()
+    calls = wf.run(f"c{i}", questions[i], dense_url=wf.url)
+    return {"question": f"c{i}", "wall_s": round(time.perf_counter() - start, 3),
+            "calls": [call_row(agent, r, d, n) for agent, r, d, n in calls]}
+
+
+def call_row(agent, r, d, n) -> dict:
+    return {"agent": agent, "mode": r.kvcomm["mode"], "reason": r.kvcomm["fallback_reason"],
+            "reused_tokens": r.kvcomm["reused_tokens"], "prompt_tokens": n,
+            "agrees": None if d is None else r.output_ids == d.output_ids,
+            "first_agrees": None if d is None else r.output_ids[:1] == d.output_ids[:1]}
 
 
 def at_once(url: str, questions: dict, application: str | None, new_tokens: int,
@@ -111,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/perf/applications_cpu.json")
     args = parser.parse_args(argv)
     qs = workflow.QUESTIONS
-    needed = args.warm + args.workflows + 1
+    needed = args.warm + 2 * args.workflows + 1
     if needed > len(qs):
         parser.error(f"--warm + --workflows + 1 = {needed} questions; there are {len(qs)}")
     fresh = {f"q{i}": qs[i] for i in range(args.warm, args.warm + args.workflows)}
@@ -129,15 +142,17 @@ def main(argv=None):
         started = time.time()
         result["at_once"] = summary(at_once(server.url, fresh, app, args.new_tokens))
         result["baseline"] = summary(at_once(server.url, fresh, None, args.new_tokens))
+        result["continued"] = summary([continued(warm, qs, args.warm + args.workflows + i)
+                                       for i in range(args.workflows)])
         result["saved"] = wait_saved(anchor_dir, started)
-    restart_q = args.warm + args.workflows
+    restart_q = args.warm + 2 * args.workflows
     with ServerProcess(server_args) as server:
         run = run_workflow(server.url, f"r{restart_q}", qs[restart_q], app, args.new_tokens, True)
         result["restart"] = summary([run]) | {"modes": [c["mode"] for c in run["calls"]]}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"warm-up modes: {result['warm_runs']}")
-    for name in ("at_once", "baseline", "restart"):
+    for name in ("at_once", "baseline", "continued", "restart"):
         s = result[name]
         print(f"{name:>9}: {s['reused_calls']}/{s['calls']} calls reused ({s['reuse_rate']:.0%}), "
               f"first calls reused {s['first_calls_reused']}/{s['workflows']}, "
