@@ -151,7 +151,8 @@ def workflow_namespace(obj, request) -> str:
 
 def _applies(obj) -> bool:
     """A single plain generation the auto mode may rewrite."""
-    params = obj.sampling_params if isinstance(obj.sampling_params, dict) else None
+    params = {} if obj.sampling_params is None else obj.sampling_params
+    params = params if isinstance(params, dict) else None
     custom = (params or {}).get("custom_params")
     single_text = isinstance(obj.text, str) and obj.input_ids is None
     chat = getattr(obj, "kvcomm_auto", None) is not None and _flat_ids(obj.input_ids)
@@ -184,9 +185,9 @@ async def _prepare(original, manager, obj, wf) -> AutoCall | None:
         await _send(original, manager, base_ids, hints, wf.namespace)
         wf.on_server.add(message.id)
     obj.text, obj.input_ids, obj.extra_key = None, ids, wf.namespace
-    obj.sampling_params = {**obj.sampling_params,
-                           "custom_params": {**(obj.sampling_params.get("custom_params") or {}),
-                                             **call.hints}}
+    params = obj.sampling_params or {}
+    obj.sampling_params = {**params, "custom_params": {**(params.get("custom_params") or {}),
+                                                       **call.hints}}
     return call
 
 
