@@ -141,14 +141,18 @@ def profile_last_agent(args, work, agents: wc.Agents, namespace: str) -> list[di
 
 
 def run_load(args, work: Workload, agents: wc.Agents, namespace: str) -> dict:
-    """``--concurrent`` workflows at once, dense then KVCOMM (fresh questions, the warmed
-    namespace), each workflow's agents back to back."""
+    """``--concurrent`` workflows at once, dense then KVCOMM (fresh questions; each KVCOMM
+    workflow a new one of the warmed application, as a service starting one workflow per user
+    question: its own messages, the application's templates and anchors), each workflow's
+    agents back to back."""
     n = args.concurrent
+    application, _ = protocol.split_namespace(namespace)
+    workflows = [f"kvcomm:{application}.{secrets.token_urlsafe(16)}" for _ in range(n)]
     questions = [work.ids(args.input_tokens) for _ in range(n)]
     dense_wall, dense = wc.run_concurrent(n, lambda i: wc.run_workflow(
         args.dense_url, agents, questions[i], args.output_tokens, f"ld{i}"))
     kv_wall, kvcomm = wc.run_concurrent(n, lambda i: wc.run_workflow(
-        args.kvcomm_url, agents, questions[i], args.output_tokens, f"lk{i}", namespace))
+        args.kvcomm_url, agents, questions[i], args.output_tokens, f"lk{i}", workflows[i]))
     return load_block(n, dense_wall, dense, kv_wall, kvcomm, len(agents))
 
 
@@ -305,7 +309,8 @@ def main(argv=None) -> dict:
     args, start = parse(argv), time.perf_counter()
     work = Workload(args.agents, args.prefix_tokens, tuple(args.vocab), seed=int(time.time()))
     agents = work.client()
-    namespace = "kvcomm:" + secrets.token_urlsafe(16)     # a workflow secret (docs/isolation.md)
+    # one application (its templates and anchors) and the timed workflow's own secret
+    namespace = f"kvcomm:{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(16)}"
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name(), "label": args.label, "sleeps": False,
