@@ -81,11 +81,15 @@ class AnchorPool:
         anchor.deviations[consumer] = deviation
         return evicted
 
-    def evict_one(self) -> str:
-        """LFU among the W oldest anchors, first on ties (spec §5.3)."""
+    def evict_one(self, keep=frozenset()) -> str | None:
+        """LFU among the W oldest anchors, first on ties (spec §5.3); anchors whose key is in
+        ``keep`` (read by a live request) are passed over. -> the evicted key, None when every
+        anchor is kept."""
         if not self.anchors:
             raise ValueError(f"anchor pool {self.placeholder!r} is empty: nothing to evict")
-        window = list(self.anchors.values())[: self.config.window]
+        window = [a for a in self.anchors.values() if a.key not in keep][: self.config.window]
+        if not window:
+            return None
         victim = min(window, key=lambda a: a.activations)
         del self.anchors[victim.key]
         if self.on_evict is not None:

@@ -7,7 +7,7 @@ with those templates and anchors and feeds them with its dense prefills, so a ne
 warm application reuses from its first call. Bounds, like the workflows':
 * at most ``max_applications``; a new one replaces only an application no workflow uses, idle
   for ``namespace_idle_s`` and pinned by no request, else the request computes densely
-  (``application_limit``);
+  (``namespace_limit``);
 * an application holds at most the store quota of one namespace; over it, it evicts its own
   anchors, then templates;
 * under store pressure it gives room like a workflow (the largest holder first).
@@ -51,22 +51,23 @@ class Application:
             ids.update(id(piece) for piece in template.pieces)
         for pool in self.state.anchors.pools.values():
             for anchor in pool.anchors.values():
-                ids.add(id(anchor.emb))
-                for deviation in anchor.deviations.values():
-                    ids.update((id(deviation.content), id(deviation.template)))
+                ids |= _blocks(anchor)
         return ids
 
-    def eviction_steps(self, pinned_templates: set[str]) -> list:
-        """What gives room, in order: anchors (LFU within the window of the largest pool), then
-        templates no live request was decided with."""
-        steps = [self._evict_one_anchor] * self.state.anchors.num_anchors
+    def eviction_steps(self, pinned_templates: set[str], pinned_blocks: set[int]) -> list:
+        """What gives room, in order: anchors no live request reads (LFU within the window of
+        the largest pool), then templates no live request was decided with. Evicting a pinned
+        anchor would free nothing now and lose it for every later request."""
+        evict = functools.partial(self._evict_one_anchor, pinned_blocks)
+        steps = [evict] * self.state.anchors.num_anchors
         return steps + [functools.partial(self.drop_template, key)
                         for key in list(self.state.templates) if key not in pinned_templates]
 
-    def _evict_one_anchor(self) -> None:
-        pools = [p for p in self.state.anchors.pools.values() if len(p)]
-        if pools:
-            max(pools, key=len).evict_one()
+    def _evict_one_anchor(self, pinned_blocks: set[int]) -> None:
+        for pool in sorted(self.state.anchors.pools.values(), key=len, reverse=True):
+            keep = {a.key for a in pool.anchors.values() if _blocks(a) & pinned_blocks}
+            if len(pool) > len(keep) and pool.evict_one(keep) is not None:
+                return
 
 
 class ApplicationTable:
@@ -116,6 +117,16 @@ class ApplicationTable:
         app = self.items.pop(key)
         app.version += 1
         app.dropped = True
-        if self.runtime.persistence is not None:
-            self.runtime.persistence.save(app)          # a warm application outlives its slots
-        self.runtime.sweep(app, keep_state=False)
+        try:
+            if self.runtime.persistence is not None:
+                self.runtime.persistence.park(app)      # a warm application outlives its slots
+        finally:
+            self.runtime.sweep(app, keep_state=False)
+
+
+def _blocks(anchor) -> set[int]:
+    """Ids of an anchor's store blocks: its embedding and every consumer's deviations."""
+    ids = {id(anchor.emb)}
+    for deviation in anchor.deviations.values():
+        ids.update((id(deviation.content), id(deviation.template)))
+    return ids

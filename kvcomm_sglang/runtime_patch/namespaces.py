@@ -165,7 +165,9 @@ class NamespaceTable:
         live request pinned."""
         runtime, freed = self.runtime, 0
         keys, templates = runtime.pinned_state(holder)
-        for step in holder.eviction_steps(keys if isinstance(holder, Namespace) else templates):
+        steps = holder.eviction_steps(keys) if isinstance(holder, Namespace) else \
+            holder.eviction_steps(templates, runtime.pinned_blocks(holder))
+        for step in steps:
             if freed >= tokens:
                 break
             step()

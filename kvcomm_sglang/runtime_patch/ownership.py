@@ -20,6 +20,15 @@ class Ownership:
                 and (d.ns is holder or d.ns.app is holder)]
         return ({k for d in live for k in d.keys.values()}, {d.template for d in live})
 
+    def pinned_blocks(self, holder) -> set[int]:
+        """Ids of the store blocks live requests of ``holder`` (a namespace, or an application:
+        any of its workflows) pin (``decision_blocks``)."""
+        ids = set()
+        for d in self.decisions.values():
+            if d.ns is not None and (d.ns is holder or d.ns.app is holder):
+                ids |= self.decision_blocks(d)
+        return ids
+
     def pinned_tokens(self) -> int:
         """Store tokens that no eviction can free now (what live requests were decided with):
         they count as protected, not evictable, in the radix cache's sizes, or SGLang would

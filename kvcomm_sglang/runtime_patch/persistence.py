@@ -128,11 +128,30 @@ class AnchorPersistence:
                 self.save(app)
         self.last_save = time.monotonic()
 
-    def save(self, app) -> None:
-        """Write ``app`` (atomically: a crash leaves the previous file)."""
+    def save(self, app) -> bool:
+        """Write ``app`` (atomically: a crash leaves the previous file). -> False when it was
+        not written: an application of its own, a file not restored yet, or a write that failed
+        (disk full, permissions: logged; the server keeps serving, the previous file stays)."""
         name = digest(app.key)
         if app.implicit or name in self.pending:      # a file not restored yet stays as it is
-            return
+            return False
+        try:
+            self._write(name, app)
+        except Exception:                             # noqa: BLE001 (never into the scheduler)
+            logger.exception("kvcomm: could not save application %s", name)
+            return False
+        self.saved_versions[app.key] = app.version
+        self._bound()
+        return True
+
+    def park(self, app) -> None:
+        """Save an application that is being dropped and keep its file pending, so it is
+        restored when a request names it again (not started cold and saved over)."""
+        if self.save(app):
+            name = digest(app.key)
+            self.pending[name] = self.path / f"{name}.pt"
+
+    def _write(self, name: str, app) -> None:
         data = snapshot.snapshot(app.state)
         meta = {"fingerprint": self.fingerprint, "application": name,
                 "templates": sorted(app.state.templates), "saved_at": time.time(),
@@ -140,11 +159,12 @@ class AnchorPersistence:
         for suffix, write in ((".pt", lambda f: torch.save(data, f)),
                               (".json", lambda f: f.write(json.dumps(meta).encode()))):
             tmp = self.path / f".{name}{suffix}.tmp"
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, self.path / f"{name}{suffix}")
-        self.saved_versions[app.key] = app.version
-        self._bound()
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                os.replace(tmp, self.path / f"{name}{suffix}")
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _bound(self) -> None:
         metas = sorted(self.path.glob("*.json"), key=lambda p: p.stat().st_mtime)

@@ -139,23 +139,26 @@ class KVCommRuntime(Ownership):
                 extra, create=False) and cached.version == _version(cached.ns):
             return cached
         start = self._clock()
-        ns = self.namespaces.get(extra)
         with _annotate("kvcomm.plan"):
-            decision = self._decide_safely(req, hints, ns)
+            ns, decision = self._decide_safely(req, hints, extra)
         decision.plan_ms = (self._clock() - start) * 1e3
         decision.ns = ns
         decision.version = _version(ns) if ns is not None else ()
         self.decisions[req.rid] = decision
         return decision
 
-    def _decide_safely(self, req, hints, ns) -> Decision:
-        if ns is None:
-            return Decision("dense", "namespace_limit")
+    def _decide_safely(self, req, hints, extra: str) -> tuple[Namespace | None, Decision]:
+        """Finding the namespace (which may make room) and planning: any exception, an
+        out-of-memory included, computes densely with a counted reason."""
+        ns = None
         try:
-            return self._decide(req, hints, ns)
+            ns = self.namespaces.get(extra)
+            if ns is None:
+                return None, Decision("dense", "namespace_limit")
+            return ns, self._decide(req, hints, ns)
         except Exception as exc:          # torch.OutOfMemoryError included: compute densely
             logger.exception("kvcomm: planning failed for %s", req.rid)
-            return Decision("dense", f"plan_error:{type(exc).__name__}")
+            return ns, Decision("dense", f"plan_error:{type(exc).__name__}")
 
     def _decide(self, req, hints, ns: Namespace) -> Decision:
         if not hints.consumes:
