@@ -8,7 +8,8 @@ written: a file is found again only by a request that names the application.
 
 When: a changed application is saved when the server falls idle (the first scheduler step with
 no request), at least every ``anchor_save_interval_s`` while busy, and when it is dropped from
-the table. SGLang stops its scheduler with SIGKILL, so nothing runs at shutdown: what was
+the table (then kept pending, so it comes back warm when named again). The scheduler thread
+only copies the state to host memory; a writer thread writes the files. SGLang stops its scheduler with SIGKILL, so nothing runs at shutdown: what was
 learned after the last save is lost with a crash or a stop under load.
 
 Load: at start the fingerprints are checked: model (its config and a sample of every weight),
@@ -29,6 +30,7 @@ import logging
 import os
 import pathlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -61,6 +63,8 @@ class AnchorPersistence:
         self.pending: dict[str, pathlib.Path] = {}     # sha256(application id) -> tensor file
         self.refused: dict[str, str] = {}              # meta file name -> why
         self.saved_versions: dict[str, int] = {}       # application id -> version saved
+        self.writes: dict[str, Future] = {}            # sha256(application id) -> last write
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="kvcomm-anchor-save")
         self.last_save = time.monotonic()
         self._scan()
 
@@ -101,6 +105,9 @@ class AnchorPersistence:
         path = self.pending.pop(digest(app.key), None)
         if path is None:
             return
+        write = self.writes.get(digest(app.key))
+        if write is not None:
+            write.exception()                         # parked moments ago: its file first
         try:
             data = torch.load(path, weights_only=True)
             with runtime.store.building(app.owner):
@@ -129,19 +136,25 @@ class AnchorPersistence:
         self.last_save = time.monotonic()
 
     def save(self, app) -> bool:
-        """Write ``app`` (atomically: a crash leaves the previous file). -> False when it was
-        not written: an application of its own, a file not restored yet, or a write that failed
-        (disk full, permissions: logged; the server keeps serving, the previous file stays)."""
+        """Copy ``app``'s state to host memory here (the scheduler thread: the store's blocks
+        may be freed after this call) and write its files on a writer thread, so the scheduler
+        does not wait for the disk; files are replaced atomically (a crash leaves the previous
+        ones). -> False when nothing was saved: an application of its own, a file not restored
+        yet, or a failed copy (logged; a failed write is logged by the writer). The server keeps
+        serving either way."""
         name = digest(app.key)
         if app.implicit or name in self.pending:      # a file not restored yet stays as it is
             return False
         try:
-            self._write(name, app)
+            data = snapshot.snapshot(app.state)
         except Exception:                             # noqa: BLE001 (never into the scheduler)
             logger.exception("kvcomm: could not save application %s", name)
             return False
+        meta = {"fingerprint": self.fingerprint, "application": name,
+                "templates": sorted(app.state.templates), "saved_at": time.time(),
+                "anchors": app.state.anchors.num_anchors}
+        self.writes[name] = self.writer.submit(self._write, name, data, meta)
         self.saved_versions[app.key] = app.version
-        self._bound()
         return True
 
     def park(self, app) -> None:
@@ -151,20 +164,25 @@ class AnchorPersistence:
             name = digest(app.key)
             self.pending[name] = self.path / f"{name}.pt"
 
-    def _write(self, name: str, app) -> None:
-        data = snapshot.snapshot(app.state)
-        meta = {"fingerprint": self.fingerprint, "application": name,
-                "templates": sorted(app.state.templates), "saved_at": time.time(),
-                "anchors": app.state.anchors.num_anchors}
-        for suffix, write in ((".pt", lambda f: torch.save(data, f)),
-                              (".json", lambda f: f.write(json.dumps(meta).encode()))):
-            tmp = self.path / f".{name}{suffix}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    write(f)
-                os.replace(tmp, self.path / f"{name}{suffix}")
-            finally:
-                tmp.unlink(missing_ok=True)
+    def flush(self) -> None:
+        """Wait for every write in flight (restores and tests read what was written)."""
+        for future in list(self.writes.values()):
+            future.exception()
+
+    def _write(self, name: str, data: dict, meta: dict) -> None:
+        try:
+            for suffix, write in ((".pt", lambda f: torch.save(data, f)),
+                                  (".json", lambda f: f.write(json.dumps(meta).encode()))):
+                tmp = self.path / f".{name}{suffix}.tmp"
+                try:
+                    with open(tmp, "wb") as f:
+                        write(f)
+                    os.replace(tmp, self.path / f"{name}{suffix}")
+                finally:
+                    tmp.unlink(missing_ok=True)
+            self._bound()
+        except Exception:                             # noqa: BLE001 (disk full, permissions)
+            logger.exception("kvcomm: could not save application %s", name)
 
     def _bound(self) -> None:
         metas = sorted(self.path.glob("*.json"), key=lambda p: p.stat().st_mtime)

@@ -33,9 +33,25 @@ def test_a_failed_save_while_making_room_computes_densely_and_leaks_nothing(tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     assert ask(cache, namespace(secret()), 0) == "dense"   # the idle one made room, unsaved
+    runtime.persistence.flush()
     assert len(runtime.applications) == 1
     assert cache.checker.check() == []                      # its slots were swept all the same
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_error_while_finding_the_namespace_computes_densely(monkeypatch):
+    cache = make_cache(**GATE_OFF)
+    ns = namespace(secret())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("making room failed")
+    monkeypatch.setattr(cache.runtime.namespaces, "get", broken)
+    req = Req(TEMPLATE[0] + question(0) + TEMPLATE[1], ns, {"agent": "a", "layout": LAYOUT})
+    admit(cache, req)                                       # not raised into the scheduler
+    assert cache.runtime.decisions[req.rid].reason == "plan_error:RuntimeError"
+    release(cache, req)
+    monkeypatch.undo()
+    assert cache.checker.check() == []
 
 
 def test_a_dropped_application_comes_back_warm_and_its_file_is_not_saved_over(tmp_path):
@@ -45,6 +61,7 @@ def test_a_dropped_application_comes_back_warm_and_its_file_is_not_saved_over(tm
     app = secret()
     warm(cache, app)
     cache.after_batch([])                                   # idle: saved warm
+    runtime.persistence.flush()
     saved = lambda: [json.loads(p.read_text())["anchors"] for p in tmp_path.glob("*.json")]  # noqa: E731
     assert saved() == [2]
     _drop_workflows(runtime)
@@ -54,6 +71,7 @@ def test_a_dropped_application_comes_back_warm_and_its_file_is_not_saved_over(tm
     assert runtime.applications.items[app].state.anchors.num_anchors == 2
     assert ask(cache, ns, 30) == "reuse"
     cache.after_batch([])
+    runtime.persistence.flush()
     assert saved() == [2] and cache.checker.check() == []
 
 

@@ -158,6 +158,7 @@ def saved(tmp_path, app: str, fingerprint=FINGERPRINT):
     cache.runtime.persistence = AnchorPersistence(tmp_path, fingerprint, cache.runtime.config)
     warm(cache, app)
     cache.after_batch([])                            # idle: changed applications are saved
+    cache.runtime.persistence.flush()                # (written on the writer thread)
     assert len(list(tmp_path.glob("*.pt"))) == 1
     assert app not in "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.json"))
     return cache
@@ -222,6 +223,8 @@ def test_changed_applications_are_saved_when_idle_or_every_interval(tmp_path, bu
     ns = namespace(secret())
     ask(cache, ns, 0)
     cache.after_batch([Req([1], ns)])                # a request is live
+    cache.runtime.persistence.flush()
     assert bool(list(tmp_path.glob("*.pt"))) == busy
     cache.after_batch([])
+    cache.runtime.persistence.flush()
     assert list(tmp_path.glob("*.pt"))
