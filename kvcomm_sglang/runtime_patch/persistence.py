@@ -9,8 +9,9 @@ written: a file is found again only by a request that names the application.
 When: a changed application is saved when the server falls idle (the first scheduler step with
 no request), at least every ``anchor_save_interval_s`` while busy, and when it is dropped from
 the table (then kept pending, so it comes back warm when named again). The scheduler thread
-only copies the state to host memory; a writer thread writes the files. SGLang stops its scheduler with SIGKILL, so nothing runs at shutdown: what was
-learned after the last save is lost with a crash or a stop under load.
+only copies the state to host memory; a writer thread writes the files. SGLang stops its
+scheduler with SIGKILL, so nothing runs at shutdown: what was learned after the last save is
+lost with a crash or a stop under load.
 
 Load: at start the fingerprints are checked: model (its config and a sample of every weight),
 tokenizer files, KV layout, RoPE and storage frame. A file saved under another is refused with
