@@ -42,21 +42,21 @@ class Unexpressible(ValueError):
 
 def segment(text: str, messages, min_chars: int = 12) -> Segmented:
     """Cut ``text`` at non-overlapping occurrences of ``messages`` (longest first). Several
-    messages with the same text (two agents said the same) fill its occurrences oldest first.
-    Occurrences that touch another one, or end the prompt (the last piece must be template
-    text), are left as template text."""
+    messages with the same text (two agents said the same) fill its occurrences oldest first;
+    occurrences beyond them, and those that touch another one or end the prompt (the last piece
+    must be template text), are left as template text."""
     by_text: dict[str, list[Message]] = {}
     for message in sorted(messages, key=lambda m: m.seq):
         if len(message.text) >= min_chars:
             by_text.setdefault(message.text, []).append(message)
     spans: list[tuple[int, int, Message]] = []
     for body in sorted(by_text, key=len, reverse=True):
-        same, start = by_text[body], text.find(body)
-        while start >= 0:
-            end = start + len(body)
+        same, start, used = by_text[body], text.find(body), 0
+        while start >= 0 and used < len(same):        # an occurrence per message, no more:
+            end = start + len(body)                    # a text repeated 10 K times in a prompt
             if end < len(text) and all(end < s or start > e for s, e, _ in spans):
-                used = sum(1 for _, _, m in spans if m.text == body)
-                spans.append((start, end, same[min(used, len(same) - 1)]))
+                spans.append((start, end, same[used]))     # costs no 10 K x spans checks
+                used += 1
             start = text.find(body, end)
     spans.sort(key=lambda span: span[0])
     texts, found, pos = [], [], 0

@@ -68,12 +68,13 @@ class AutoWorkflow:
     by_text: dict = field(default_factory=dict)                    # text -> newest Message
     by_ids: dict = field(default_factory=dict)                     # token ids -> newest Message
     variants: dict = field(default_factory=dict)   # (message id, ids) -> its re-tokenized copy
-    roles: dict = field(default_factory=dict)                      # prefix ids -> role
+    roles: OrderedDict = field(default_factory=OrderedDict)        # prefix ids -> role (LRU)
     shapes: dict = field(default_factory=dict)                     # (role, shape) -> agent id
     on_server: set = field(default_factory=set)                    # message ids held there
     templates_sent: set = field(default_factory=set)               # agents registered there
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
+    _roles: itertools.count = field(default_factory=itertools.count, repr=False)
 
     def candidates(self) -> list[Message]:
         return list(self.messages.values())
@@ -102,10 +103,20 @@ class AutoWorkflow:
     def next_capture_id(self) -> str:
         return f"m{next(self._seq)}"
 
-    def role_of(self, prefix: tuple[int, ...]) -> int | None:
-        if prefix not in self.roles and len(self.roles) >= MAX_ROLES:
-            return None
-        return self.roles.setdefault(prefix, len(self.roles))
+    def role_of(self, prefix: tuple[int, ...]) -> int:
+        """The role of a prompt prefix; at ``MAX_ROLES`` the least recently used role is
+        forgotten (with its prompt shapes) and numbers are never reused, so a workflow whose
+        prompts have no shared span (each a "role" of its own) cannot lock every later agent
+        out of reuse, and a returning prefix is only a new, cold role."""
+        role = self.roles.get(prefix)
+        if role is None:
+            if len(self.roles) >= MAX_ROLES:
+                _, old = self.roles.popitem(last=False)
+                for key in [k for k in self.shapes if k[0] == old]:
+                    del self.shapes[key]
+            role = self.roles[prefix] = next(self._roles)
+        self.roles.move_to_end(prefix)
+        return role
 
     def agent_id(self, role: int, shape: tuple) -> str | None:
         key = (role, shape)
@@ -131,8 +142,6 @@ class AutoWorkflow:
         bounds = [0] + [b for s in spans for b in (s.start, s.end)] + [len(ids)]
         pieces = [tuple(ids[bounds[k]:bounds[k + 1]]) for k in range(0, len(bounds), 2)]
         role = self.role_of(pieces[0])
-        if role is None:
-            return self._plain(0, "auto:too_many_roles")
         capture = (self.next_capture_id(), f"agent_{role}_current")
         if not messages:
             return AutoCall(protocol.encode(capture=capture), role, None, capture)
@@ -157,10 +166,6 @@ class AutoWorkflow:
                        protocol.encode(base=(m.id, m.placeholder, len(base_header))), m)
                       for m in dict.fromkeys(messages) if m.id not in self.on_server]
         return call
-
-    def _plain(self, role: int, reason: str) -> AutoCall:
-        capture = (self.next_capture_id(), f"agent_{role}_current")
-        return AutoCall(protocol.encode(capture=capture), role, None, capture, reason=reason)
 
     def _message_at(self, ids: list[int], span: Span) -> Message:
         """The message whose exact ids fill ``span``. The message found there if its ids match;

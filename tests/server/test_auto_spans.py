@@ -120,3 +120,26 @@ def test_bounds():
     table.get("b")
     table.get("c")
     assert list(table.workflows) == ["b", "c"] and table.get("a") is not first
+
+
+# ---- bounds a hostile or careless client meets (a cold review found both) ----
+def test_a_workflow_of_span_less_prompts_forgets_old_roles_instead_of_locking_agents_out():
+    from kvcomm_sglang.runtime_patch.auto_workflows import MAX_ROLES
+    wf = AutoWorkflow("kvcomm:x")
+    roles = [wf.role_of((i,)) for i in range(MAX_ROLES + 6)]
+    assert roles == list(range(MAX_ROLES + 6))           # every prompt still gets a role
+    assert len(wf.roles) == MAX_ROLES and (0,) not in wf.roles
+    assert wf.role_of((0,)) == MAX_ROLES + 6             # back as a new role, never a reused number
+    assert wf.role_of((7,)) == 7                         # a recent role keeps its number
+
+
+def test_a_text_repeated_through_a_huge_prompt_is_found_once_per_message_and_fast():
+    import time
+
+    from kvcomm_sglang.prompt import Message, segment
+    body = "the same twelve chars. "
+    message = Message("m1", body, (1, 2, 3), 0, "agent_0_current", 1)
+    start = time.perf_counter()
+    found = segment("x" + body * 20000 + "end", [message])
+    assert time.perf_counter() - start < 2.0             # was quadratic: ~45 s at 260 K chars
+    assert found.messages == (message,) and found.texts[0] == "x"
