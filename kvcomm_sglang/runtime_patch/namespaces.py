@@ -146,9 +146,10 @@ class NamespaceTable:
     def evict_largest_first(self, tokens: int) -> int:
         """Free ``tokens`` store slots: first from the workflows no live request uses, least
         recently used first (a finished workflow's messages are read by nobody again), then
-        from every holder, the one holding the most first. Applications come last: their
-        templates and anchors serve every new workflow, and a warm application is the largest
-        holder, so largest-first alone gave it up for finished workflows' messages."""
+        from every holder, the one holding the most first. An application only gives room in
+        that second pass: its templates and anchors serve every new workflow, and a warm
+        application is the largest holder, so largest-first alone gave it up for finished
+        workflows' messages."""
         usage, pinned = self.runtime.store.usage, self.runtime.pinned_namespaces()
         idle = [ns for ns in self.items.values() if ns.name not in pinned]   # oldest first
         rest = sorted(self.holders().values(), key=lambda h: -usage[h.owner])
