@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import hmac
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from kvcomm_sglang import protocol
@@ -214,8 +214,10 @@ def _template_pass(agent: str, pieces, names, tokenize) -> tuple[list[int], dict
 
 
 class WorkflowTable:
-    """Auto workflows by namespace, at most ``MAX_WORKFLOWS``: the least recently used is
-    forgotten first (its server state is bounded and evicted by the server on its own)."""
+    """Auto workflows by namespace, at most ``MAX_WORKFLOWS``. When full, the tenant (the
+    namespace's application) with the most workflows forgets its least recently used one, so a
+    client minting workflow ids only ever pushes out its own tenant's (the server's state is
+    bounded and evicted by the server on its own)."""
 
     def __init__(self, limit: int = MAX_WORKFLOWS):
         self.limit = limit
@@ -226,6 +228,12 @@ class WorkflowTable:
         if wf is None:
             wf = self.workflows[namespace] = AutoWorkflow(namespace)
             while len(self.workflows) > self.limit:
-                self.workflows.popitem(last=False)
+                self._forget_one()
         self.workflows.move_to_end(namespace)
         return wf
+
+    def _forget_one(self) -> None:
+        tenants = Counter(protocol.split_namespace(ns)[0] for ns in self.workflows)
+        largest = max(tenants, key=tenants.get)
+        oldest = next(ns for ns in self.workflows if protocol.split_namespace(ns)[0] == largest)
+        del self.workflows[oldest]

@@ -143,3 +143,13 @@ def test_a_text_repeated_through_a_huge_prompt_is_found_once_per_message_and_fas
     found = segment("x" + body * 20000 + "end", [message])
     assert time.perf_counter() - start < 2.0             # was quadratic: ~45 s at 260 K chars
     assert found.messages == (message,) and found.texts[0] == "x"
+
+
+def test_a_client_minting_workflow_ids_pushes_out_only_its_own_tenants_workflows():
+    table = WorkflowTable(limit=4)
+    quiet = [namespace_for(b"k", "tenant-a", f"w{i}") for i in range(2)]
+    for ns in quiet:
+        table.get(ns)
+    for i in range(50):                                  # another tenant floods new workflows
+        table.get(namespace_for(b"k", "tenant-b", f"flood-{i}"))
+    assert all(ns in table.workflows for ns in quiet) and len(table.workflows) == 4
