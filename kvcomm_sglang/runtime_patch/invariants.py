@@ -91,8 +91,7 @@ class InvariantChecker:
         self.lost_anchors = 0
         for holder in holders.values():
             reach = holder.reachable()
-            pinned = set().union(*(runtime.decision_blocks(d) for d in runtime.decisions.values()
-                                   if d.ns is not None and holder in (d.ns, d.ns.app)))
+            pinned = runtime.pinned_blocks(holder)
             ledger = store.ledger.get(holder.owner, {})
             self.leaked_slots += sum(b.length for i, b in ledger.items()
                                      if i not in reach | pinned)

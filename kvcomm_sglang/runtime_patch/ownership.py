@@ -13,21 +13,20 @@ class Ownership:
     """Mixin of ``KVCommRuntime``: needs ``store``, ``namespaces``, ``applications`` and
     ``decisions``."""
 
-    def pinned_state(self, holder) -> tuple[set[str], set[str]]:
-        """Content keys and template keys that live requests of ``holder`` (a namespace, or an
-        application: any of its workflows) were decided with."""
-        live = [d for d in self.decisions.values() if d.ns is not None
+    def live_decisions(self, holder) -> list:
+        """The live decisions of ``holder``'s requests (a namespace, or an application: any of
+        its workflows)."""
+        return [d for d in self.decisions.values() if d.ns is not None
                 and (d.ns is holder or d.ns.app is holder)]
+
+    def pinned_state(self, holder) -> tuple[set[str], set[str]]:
+        """Content keys and template keys that live requests of ``holder`` were decided with."""
+        live = self.live_decisions(holder)
         return ({k for d in live for k in d.keys.values()}, {d.template for d in live})
 
     def pinned_blocks(self, holder) -> set[int]:
-        """Ids of the store blocks live requests of ``holder`` (a namespace, or an application:
-        any of its workflows) pin (``decision_blocks``)."""
-        ids = set()
-        for d in self.decisions.values():
-            if d.ns is not None and (d.ns is holder or d.ns.app is holder):
-                ids |= self.decision_blocks(d)
-        return ids
+        """Ids of the store blocks live requests of ``holder`` pin (``decision_blocks``)."""
+        return set().union(*map(self.decision_blocks, self.live_decisions(holder)))
 
     def pinned_tokens(self) -> int:
         """Store tokens that no eviction can free now (what live requests were decided with):
@@ -52,10 +51,7 @@ class Ownership:
         state (unless ``keep_state`` is False or it was dropped) nor a live decision reaches;
         -> tokens freed."""
         keep = holder.reachable() if keep_state and not holder.dropped else set()
-        for decision in self.decisions.values():
-            if decision.ns is not None and (decision.ns is holder or decision.ns.app is holder):
-                keep |= self.decision_blocks(decision)
-        return self.store.sweep(holder.owner, keep)
+        return self.store.sweep(holder.owner, keep | self.pinned_blocks(holder))
 
     def sweep_workflow(self, ns) -> int:
         """Sweep a namespace and its application (a request of it changed either)."""
@@ -76,7 +72,8 @@ class Ownership:
         self.namespaces.make_store_room(owner, tokens)
 
     def evict_store(self, num_tokens: int) -> int:
-        """SGLang's pool needs room: free store slots, largest holders first."""
+        """SGLang's pool needs room: free store slots (idle workflows first, then the largest
+        holders: ``NamespaceTable.evict_largest_first``)."""
         return self.namespaces.evict_largest_first(num_tokens)
 
     def drop_namespace(self, name: str) -> None:
