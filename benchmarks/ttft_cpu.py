@@ -82,17 +82,14 @@ def run_round(url, work, question, new_tokens, r, namespace) -> dict:
 def summarize_agents(rounds: list[dict]) -> list[dict]:
     out = []
     for i in range(NUM_AGENTS):
-        dense = [c for r in rounds for c in r["dense"].agent_calls() if c.agent == i]
-        kv = [c for r in rounds for c in r["kvcomm"].agent_calls() if c.agent == i]
-        hits = [c for r in rounds for c in r["hits"] if c.agent == i]
-        reused = [c for c in kv if c.report.get("mode") == "reuse"]
+        calls = wc.agent_calls(rounds, i)
+        dense, kv, reused, field = calls.dense, calls.kvcomm, calls.reused, calls.reused_median
         d, k = wc.median([c.ttft_s for c in dense]), wc.median([c.ttft_s for c in kv])
-        field = lambda name: wc.median([c.report.get(name) for c in reused])  # noqa: E731
         out.append({
             "agent": i, "prompt_tokens": dense[0].prompt_tokens,
             "dense_ttft_s": d, "kvcomm_ttft_s": k, "speedup": d / k,
             "p99_kvcomm_ttft_s": wc.percentile([c.ttft_s for c in kv], 99),
-            "dense_radix_hit_ttft_s": wc.median([c.ttft_s for c in hits]),
+            "dense_radix_hit_ttft_s": wc.median([c.ttft_s for c in calls.hits]),
             # first to last token: the same decode in both modes, plus KVCOMM's capture, which
             # runs before SGLang streams the last token (on the critical path of the next agent)
             "dense_decode_s": wc.median([c.done_s - c.ttft_s for c in dense]),
@@ -100,9 +97,7 @@ def summarize_agents(rounds: list[dict]) -> list[dict]:
             "kvcomm_reused_calls_ttft_s": wc.median([c.ttft_s for c in reused]),
             "plan_ms": field("plan_ms"), "materialize_ms": field("materialize_ms"),
             "forward_ms": field("forward_ms"), "reuse_path_ms": field("reuse_path_ms"),
-            "reused_calls": len(reused), "calls": len(kv),
-            "fallbacks": sorted({c.report["fallback_reason"] for c in kv
-                                 if c.report.get("fallback_reason")})})
+            "reused_calls": len(reused), "calls": len(kv), "fallbacks": calls.fallbacks()})
     return out
 
 

@@ -193,12 +193,10 @@ def _row(call: wc.Call) -> dict:
 def summarize(rounds: list[dict], num_agents: int) -> list[dict]:
     out = []
     for i in range(num_agents):
-        dense = [c for r in rounds for c in r["dense"].agent_calls() if c.agent == i]
-        kv = [c for r in rounds for c in r["kvcomm"].agent_calls() if c.agent == i]
-        hits = [c for r in rounds for c in r["hits"] if c.agent == i]
-        reused = [c for c in kv if c.report.get("mode") == "reuse"]
-        ms = lambda calls: _ms(wc.median([c.ttft_s for c in calls]))  # noqa: E731
-        field = lambda name: wc.median([c.report.get(name) for c in reused])  # noqa: E731
+        calls = wc.agent_calls(rounds, i)
+        dense, kv, hits, reused = calls.dense, calls.kvcomm, calls.hits, calls.reused
+        field = calls.reused_median
+        ms = lambda group: _ms(wc.median([c.ttft_s for c in group]))  # noqa: E731
         dense_ms, kv_ms = ms(dense), ms(kv)
         out.append({
             "agent": i + 1, "prompt_tokens": dense[0].prompt_tokens if dense else None,
@@ -216,9 +214,7 @@ def summarize(rounds: list[dict], num_agents: int) -> list[dict]:
             "materialize_ms": field("materialize_ms"), "flatten_ms": field("flatten_ms"),
             "forward_ms": field("forward_ms"),
             "reused_calls": len(reused), "calls": len(kv),
-            "reused_tokens": wc.median([c.report.get("reused_tokens") for c in reused]),
-            "fallbacks": sorted({c.report["fallback_reason"] for c in kv
-                                 if c.report.get("fallback_reason")})})
+            "reused_tokens": field("reused_tokens"), "fallbacks": calls.fallbacks()})
     return out
 
 

@@ -187,6 +187,34 @@ def run_concurrent(count: int, one: Callable[[int], Workflow]) -> tuple[float, l
 
 
 # ---- summaries ----
+@dataclass
+class AgentCalls:
+    """One agent's timed calls over the measured rounds (``{"dense", "kvcomm", "hits"}``)."""
+
+    dense: list
+    kvcomm: list
+    hits: list
+
+    @property
+    def reused(self) -> list:
+        return [c for c in self.kvcomm if c.report.get("mode") == "reuse"]
+
+    def reused_median(self, field_name: str):
+        """The median of a report field over the reused calls (plan_ms, materialize_ms, ...)."""
+        return median([c.report.get(field_name) for c in self.reused])
+
+    def fallbacks(self) -> list[str]:
+        return sorted({c.report["fallback_reason"] for c in self.kvcomm
+                       if c.report.get("fallback_reason")})
+
+
+def agent_calls(rounds: list[dict], agent: int) -> AgentCalls:
+    return AgentCalls(
+        [c for r in rounds for c in r["dense"].agent_calls() if c.agent == agent],
+        [c for r in rounds for c in r["kvcomm"].agent_calls() if c.agent == agent],
+        [c for r in rounds for c in r["hits"] if c.agent == agent])
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
