@@ -2,6 +2,11 @@
 prefill observed (its application's), its message's base KV and its output as a message (its
 workflow's) (DESIGN §3 step 4).
 
+A message's base KV comes from where it is first computed: the output of the request that
+generated it, a base request's message, or, for a message no request has computed yet (the
+user's question in the first agent's prompt), the dense prefill of the first call that holds
+it (``first_computed``), so a workflow sends no separate base request.
+
 Runs in ``cache_finished_req`` before SGLang frees the request's slots, inside the namespace's
 and the application's ``building`` scopes: blocks made here and not attached to their owner's
 state (a capture that failed half-way) are freed by the sweeps that follow.
@@ -17,7 +22,8 @@ from kvcomm_sglang.application import template_key
 def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
     ids, n = list(req.origin_input_ids), len(req.origin_input_ids)
     template = new_template(ns, hints, ids) if hints.template else None
-    if template or hints.base or decision.learn:
+    first = first_computed(ns, hints, decision)
+    if template or hints.base or decision.learn or first:
         k, v = runtime.gather(req, 0, n)
         if template:
             key, piece_ids, names, spans = template
@@ -28,12 +34,36 @@ def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
             content = ns.state.register_content(placeholder, ids[drop:], k[:, drop:],
                                                 v[:, drop:], torch.arange(drop, n))
             ns.bind(message, content.key)
+        for message, placeholder, start, end in first:
+            content = ns.state.register_content(placeholder, ids[start:end], k[:, start:end],
+                                                v[:, start:end], torch.arange(start, end))
+            ns.bind(message, content.key)
         if decision.learn and all(key in ns.state.contents for key in decision.keys.values()) \
                 and decision.template in ns.app.state.templates:
             ns.state.record(decision.template, decision.keys, decision.learn, k, v)
             ns.app.version += 1
     if hints.capture:
         capture_output(runtime, ns, hints, req, n, kv_len)
+
+
+def first_computed(ns, hints, decision) -> list[tuple[str, str, int, int]]:
+    """(message, placeholder, start, end) of the content pieces of a dense call whose message
+    the workflow does not hold: this prefill computed them first (exact KV: a dense request never
+    reads approximate KV), so their KV becomes their base KV. Empty pieces are left out."""
+    if decision.kind != "dense" or hints.template or not hints.layout:
+        return []
+    found, pos = [], 0
+    for piece in hints.layout:
+        if piece.kind == "content" and piece.length > 0 and not _held(ns, piece.message) \
+                and piece.message not in {f[0] for f in found}:
+            found.append((piece.message, piece.placeholder, pos, pos + piece.length))
+        pos += piece.length
+    return found
+
+
+def _held(ns, message: str) -> bool:
+    key = ns.messages.get(message)
+    return key is not None and key in ns.state.contents
 
 
 def new_template(ns, hints, ids):

@@ -127,8 +127,13 @@ def test_unknown_message_and_template_are_served_densely_with_the_reason(kvcomm_
     report = kvcomm_report(post(kvcomm_server, request_body(ids, namespace, custom)))
     assert (report["mode"], report["fallback_reason"]) == ("dense", "unknown_template"), report
     template_pass(kvcomm_server, namespace)
+    layout[1] = Piece("content", 2, "user_question", "never-computed")
+    custom = protocol.encode(agent="0", layout=layout)
     report = kvcomm_report(post(kvcomm_server, request_body(ids, namespace, custom)))
     assert (report["mode"], report["fallback_reason"]) == ("dense", "unknown_message"), report
+    # that dense call computed the message first and stored it: the next call plans with it
+    report = kvcomm_report(post(kvcomm_server, request_body(ids, namespace, custom)))
+    assert report["fallback_reason"] != "unknown_message", report
     assert_still_serving(kvcomm_server, baseline)
 
 
