@@ -7,8 +7,9 @@ system prefix per agent; a ~700-token user input of random Δ/Ω symbols; 96-tok
 Dense: the same prompts as plain requests (no hints). KVCOMM: the `kvcomm` backend with its
 gate disabled by default (gamma 1.0, as the paper's timing script); ``--gamma 0.3`` turns it on.
 
-Every request is on the clock (``workflow_clock.py``): KVCOMM's question base request counts in
-its workflow, each agent is sent the moment the previous answer is complete, no sleeps. The
+Every request is on the clock (``workflow_clock.py``): KVCOMM sends no base request (the first
+agent computes the question densely and the server keeps its KV as the question's base), each
+agent is sent the moment the previous answer is complete, no sleeps. The
 agents' template passes (once per namespace) are timed apart. Per round: the dense workflow,
 a one-token plain request (``drain``: whatever the server still does for a workflow is done
 before the next request; its TTFT is reported), SGLang's radix hit of each dense prompt (one
@@ -118,8 +119,7 @@ def print_tables(result: dict) -> None:
     w = result["workflow"]
     print(f"\nper workflow (ms, medians of {w['workflows']}; every request counted, no sleeps)")
     print(f"prefill (sum of TTFTs): dense {w['dense_prefill_ms']:.0f}, KVCOMM "
-          f"{w['kvcomm_prefill_ms']:.0f} ({w['prefill_speedup']:.2f}x; of which the question's "
-          f"base request {w['kvcomm_base_request_ms']:.0f})")
+          f"{w['kvcomm_prefill_ms']:.0f} ({w['prefill_speedup']:.2f}x)")
     print(f"end to end (answers decoded): dense {w['dense_e2e_ms']:.0f}, KVCOMM "
           f"{w['kvcomm_e2e_ms']:.0f} ({w['e2e_speedup']:.2f}x)")
     print(f"template passes (once per namespace): {w['kvcomm_template_passes_ms']:.0f}; drain "

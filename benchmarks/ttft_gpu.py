@@ -10,7 +10,8 @@ no tokenizer): random ids, fixed per agent for the templates, fresh per workflow
 Per round (``workflow_clock.py``): the dense workflow on the dense server (each agent sent the
 moment the previous answer is complete), SGLang's radix hit of each of its prompts (one token,
 not part of the workflow), then the KVCOMM workflow of the same question on the kvcomm server
-(its question base request first, then every agent with hints, back to back), then a one-token
+(every agent with hints, back to back; the first computes the question densely and the server
+keeps its KV as the question's base: no base request), then a one-token
 request to the kvcomm server (``drain``: what it still does for the workflow, e.g. a deferred
 capture, ends before the next round; its TTFT is reported). Template passes are sent once per
 namespace, timed apart. Reported: per-agent TTFT (the agent's own call), per-workflow prefill
@@ -179,7 +180,7 @@ def load_block(n, dense_wall, dense, kv_wall, kvcomm, num_agents) -> dict:
             "prefill_tokens_dense": sum(c.computed_tokens for w in dense for c in w.calls),
             "prefill_tokens_kvcomm": sum(c.computed_tokens for w in kvcomm for c in w.calls),
             "ttft_per_agent": per_agent, "fallbacks": fallbacks,
-            "counted": "every request of every workflow (KVCOMM: base requests too); prefill "
+            "counted": "every request of every workflow (KVCOMM sends no base request); prefill "
                        "tokens = prompt tokens minus the server's cached_tokens (reused tokens "
                        "count as cached)"}
 
@@ -240,7 +241,7 @@ def device_name() -> str:
 def print_tables(result: dict) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     print(f"\nper-agent TTFT on {result['device']} (ms, medians; the agent's own call only: "
-          "KVCOMM's base requests are in the workflow table; dense = SGLang + radix cache; hit = "
+          "KVCOMM's first agent computes the question (no base request); dense = SGLang + radix cache; hit = "
           "the same prompt again, all cached but one token)")
     print(f"{'agent':>5} {'prompt':>7} {'dense':>8} {'kvcomm':>8} {'ratio':>7} {'p99 kv':>8} "
           f"{'reuse path':>11} {'plan':>6} {'mat.':>6} {'fwd':>6} {'hit':>7} {'reused':>7}  "
@@ -257,7 +258,7 @@ def print_tables(result: dict) -> None:
     if w and w["kvcomm_prefill_ms"] is not None:
         print(f"per workflow (ms, medians of {w['workflows']}, every request counted, no sleeps): "
               f"prefill {w['dense_prefill_ms']:.1f} dense vs {w['kvcomm_prefill_ms']:.1f} KVCOMM "
-              f"({w['prefill_speedup']:.2f}x; base requests {w['kvcomm_base_request_ms']:.1f}); "
+              f"({w['prefill_speedup']:.2f}x); "
               f"end to end {w['dense_e2e_ms']:.0f} vs {w['kvcomm_e2e_ms']:.0f} "
               f"({w['e2e_speedup']:.2f}x); drain {fmt(w.get('kvcomm_drain_ms'))}")
     load = result.get("load")

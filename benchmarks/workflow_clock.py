@@ -1,16 +1,17 @@
 """A multi-agent workflow timed as its client sees it (shared by ttft_cpu.py and ttft_gpu.py).
 
-Every request the workflow sends is on the clock: with KVCOMM the question's base request, then
-each agent's call; the next request goes out the moment the previous answer is complete (no
+Every request the workflow sends is on the clock: each agent's call (KVCOMM sends no base request:
+the first agent's dense prefill computes the question, and the server keeps its KV as the
+question's base); the next request goes out the moment the previous answer is complete (no
 settle sleeps), so whatever the server does after an answer (KVCOMM's capture) lands where a
 real client would meet it. The agents' template passes are sent once per namespace and timed
 apart (``send_templates``). Per workflow:
 
-* ``prefill_s``: the sum of the TTFTs of every request the workflow sent (base request included);
+* ``prefill_s``: the sum of the TTFTs of every request the workflow sent;
 * ``e2e_s``: from the first request sent to the last answer decoded.
 
-``Agents`` describes a workload: the agents' prompt builders, the question's neutral lead-in and
-the template passes; ``run_workflow`` runs one question densely (plain requests, no namespace)
+``Agents`` describes a workload: the agents' prompt builders, a short neutral prompt (the drain
+request) and the template passes; ``run_workflow`` runs one question densely (plain requests, no namespace)
 or with KVCOMM (hints, the workflow's namespace); ``run_concurrent`` starts many at once.
 """
 
@@ -31,7 +32,7 @@ from kvcomm_sglang import protocol
 class Call:
     """One streamed request: what it was, its client-side times and what came back."""
 
-    kind: str                   # "template" | "base" | "agent" | "hit" (a radix hit, untimed)
+    kind: str                   # "template" | "agent" | "drain" | "hit" (a radix hit, untimed)
     agent: int | None
     input_ids: list
     ttft_s: float               # to the first streamed token
@@ -74,7 +75,7 @@ class Workflow:
 @dataclass
 class Agents:
     """A workload: ``prompts[i](contents) -> (input_ids, layout)`` for agent i given
-    {placeholder: (message id, ids)}; ``lead``: the question's neutral context (base request);
+    {placeholder: (message id, ids)}; ``lead``: a short neutral prompt (drain requests);
     ``template_passes``: (agent id, input_ids, layout) of each agent's template pass."""
 
     prompts: list[Callable]
@@ -133,14 +134,10 @@ def send_templates(url: str, agents: Agents, namespace: str) -> Workflow:
 def run_workflow(url: str, agents: Agents, question: list[int], new_tokens: int, qid: str,
                  namespace: str | None = None) -> Workflow:
     """One question through every agent, each sent when the previous answer is complete.
-    ``namespace`` None: dense (the same prompts as plain requests); else KVCOMM: the question's
-    base request first, then every call with its hints."""
+    ``namespace`` None: dense (the same prompts as plain requests); else KVCOMM: every call
+    with its hints (the first one computes the question densely, and the server keeps it)."""
     run, start = Workflow(), time.perf_counter()
     contents = {"user_question": (f"{qid}.q", list(question))}
-    if namespace:
-        hints = protocol.encode(base=(f"{qid}.q", "user_question", len(agents.lead)))
-        run.calls.append(send(url, "base", None,
-                              request(agents.lead + list(question), 1, hints, namespace)))
     for i, prompt in enumerate(agents.prompts):
         ids, layout = prompt(contents)
         name = f"agent_{i}_current"
@@ -233,7 +230,6 @@ def workflow_block(dense: list[Workflow], kvcomm: list[Workflow],
                    templates: Workflow | None) -> dict:
     """The JSON ``workflow`` block: medians over the measured workflows, in ms."""
     ms = lambda xs: None if median(xs) is None else round(median(xs) * 1e3, 2)  # noqa: E731
-    base = [c.ttft_s for w in kvcomm for c in w.calls if c.kind == "base"]
     return {"dense_prefill_ms": ms([w.prefill_s for w in dense]),
             "kvcomm_prefill_ms": ms([w.prefill_s for w in kvcomm]),
             "dense_e2e_ms": ms([w.e2e_s for w in dense]),
@@ -241,12 +237,11 @@ def workflow_block(dense: list[Workflow], kvcomm: list[Workflow],
             "prefill_speedup": _ratio(ms([w.prefill_s for w in dense]),
                                       ms([w.prefill_s for w in kvcomm])),
             "e2e_speedup": _ratio(ms([w.e2e_s for w in dense]), ms([w.e2e_s for w in kvcomm])),
-            "kvcomm_base_request_ms": ms(base),
             "kvcomm_template_passes_ms": (round(templates.prefill_s * 1e3, 2)
                                           if templates else None),
             "workflows": len(kvcomm), "sleeps": False,
-            "counted": "prefill = sum of the TTFTs of every request a workflow sends (KVCOMM: "
-                       "the question's base request and every agent call); e2e = first request "
+            "counted": "prefill = sum of the TTFTs of every request a workflow sends (KVCOMM "
+                       "sends no base request: the first agent computes the question); e2e = first request "
                        "sent to last answer decoded, each request sent when the previous answer "
                        "is complete; template passes: once per namespace, timed apart"}
 

@@ -3,9 +3,11 @@
 Inside ``with workflow():`` each ``gen`` is sent as ``input_ids`` (template text tokenized piece
 by piece, registered messages spliced as their exact ids) with KVCOMM hints, and streamed so the
 client measures TTFT. Outside a workflow the endpoint behaves like ``RuntimeEndpoint``.
-A call the server answers with ``unknown_template`` or ``unknown_message`` (it forgot the
-workflow: eviction, restart) was served densely; the agent's template pass, or base requests for
-the prompt's messages, are sent again before the next call that needs them.
+A message needs no request of its own: the first call whose prompt holds it is computed densely
+and the server keeps that KV as the message's base (a program argument such as the question),
+an answer's comes from its own generation. A call the server answers with ``unknown_template``
+(it forgot the workflow: eviction, restart) was served densely; the agent's template pass is
+sent again before its next call.
 ``select``, ``fork`` and ``run_batch`` keep SGLang's text path (dense, exact).
 """
 
@@ -20,7 +22,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 from sglang.lang.chat_template import get_chat_template
 
 from kvcomm_sglang import protocol
-from kvcomm_sglang.prompt import (STAND_IN, Message, Segmented, Unexpressible,
+from kvcomm_sglang.prompt import (STAND_IN, Segmented, Unexpressible,
                                   argument_placeholder, name_placeholders, segment, shape_key)
 from kvcomm_sglang.frontend.scope import CallRecord, Workflow, current_workflow
 
@@ -66,7 +68,7 @@ class KVCommEndpoint(RuntimeEndpoint):
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    # ---- one call: layout, template pass, base requests ----
+    # ---- one call: layout, template pass ----
     def _prepare(self, wf: Workflow, text: str, arguments: dict) -> dict:
         if wf.mode == "kvcomm":
             self._check_backend()
@@ -74,8 +76,7 @@ class KVCommEndpoint(RuntimeEndpoint):
         found = segment(text, wf.candidates(), wf.min_message_chars)
         role = wf.role_of(found.prefix)
         ids = self._assemble(found)
-        call = {"role": role, "ids": ids, "agent": f"{role}", "layout": None, "reason": None,
-                "messages": found.messages}
+        call = {"role": role, "ids": ids, "agent": f"{role}", "layout": None, "reason": None}
         try:
             names = name_placeholders(found, role)
         except Unexpressible as exc:
@@ -91,14 +92,11 @@ class KVCommEndpoint(RuntimeEndpoint):
         if wf.mode == "kvcomm":
             if wf.needs_template(agent, (tuple(found.texts), tuple(names))):
                 self._template_pass(wf, agent, found, names)
-            for message in found.messages:
-                if wf.needs_base(message):
-                    self._base(wf, message)
         return call
 
     def _add_arguments(self, wf: Workflow, arguments: dict, text: str) -> None:
         """Program keyword arguments named in ``wf.shared_args`` that appear in the prompt are
-        base messages: a question-like name is the user question, others conditions."""
+        shared messages: a question-like name is the user question, others conditions."""
         for name, value in arguments.items():
             if name in wf.shared_args and isinstance(value, str) and \
                     len(value) >= wf.min_message_chars and value in text:
@@ -123,13 +121,6 @@ class KVCommEndpoint(RuntimeEndpoint):
         self._post(ids, {"max_new_tokens": 1, "temperature": 0}, hints, wf.namespace)
         wf.sent_template(agent)
 
-    def _base(self, wf: Workflow, message: Message) -> None:
-        header = self.tokenize(self.chat_template.role_prefix_and_suffix["user"][0])
-        hints = protocol.encode(base=(message.id, message.placeholder, len(header)))
-        self._post(list(header) + list(message.ids), {"max_new_tokens": 1, "temperature": 0},
-                   hints, wf.namespace)
-        wf.sent_base(message)
-
     # ---- the gen request itself ----
     def _generate_call(self, wf: Workflow, call: dict, params: dict):
         max_new = params.get("max_new_tokens")
@@ -150,7 +141,7 @@ class KVCommEndpoint(RuntimeEndpoint):
                                      message_id=capture_id, agent=call["agent"])
         record = _record(call, ttft, meta, wf.mode, text, message)
         if call["layout"]:
-            wf.forget(record.fallback_reason, call["agent"], call["messages"])
+            wf.forget(record.fallback_reason, call["agent"])
         with wf.lock:
             wf.calls.append(record)
         meta["kvcomm_call"] = record.__dict__.copy()

@@ -18,9 +18,12 @@ with its own secret) share the server's templates and anchors for their agents: 
 from its first call and sends no template pass the application has sent already. Share an
 application only between workflows whose texts may inform each other's (docs/isolation.md).
 
-The server may forget a workflow (its namespace evicted, a restart): a call then falls back to
-dense with ``unknown_template`` or ``unknown_message``, and the workflow marks what to send again
-(``missing_templates``, ``on_server``) before the next call that needs it.
+A message needs no request of its own: the server takes its base KV from the first call that
+computes it (a program argument inside the first prompt that holds it, an answer from its own
+generation). The server may forget a workflow (its namespace evicted, a restart): a call then
+falls back to dense with ``unknown_template`` (the workflow marks the agent in
+``missing_templates`` and sends its template pass again before its next call) or
+``unknown_message`` (that dense call stores the message again).
 """
 
 from __future__ import annotations
@@ -83,7 +86,6 @@ class Workflow:
     produced: list[Message] = field(default_factory=list)         # every generated message
     roles: dict[str, int] = field(default_factory=dict)           # prompt prefix -> role index
     shapes: dict[tuple, str] = field(default_factory=dict)        # (role, shape) -> agent id
-    on_server: set[str] = field(default_factory=set)              # message ids the server holds
     missing_templates: set[str] = field(default_factory=set)      # agents to register (again)
     calls: list[CallRecord] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -136,7 +138,6 @@ class Workflow:
             self.messages[text] = message
             if role is not None:
                 self.produced.append(message)
-                self.on_server.add(message.id)      # captured by the request that made it
             return message
 
     def candidates(self) -> list[Message]:
@@ -171,26 +172,15 @@ class Workflow:
                 with self.application.lock:
                     self.application.templates.add(self.shapes_of[agent])
 
-    def sent_base(self, message: Message) -> None:
-        with self.lock:
-            self.on_server.add(message.id)
-
-    def needs_base(self, message: Message) -> bool:
-        """Whether ``message`` must be sent as a base request before a call that uses it: a
-        program argument sent never, or any message the server said it does not know."""
-        with self.lock:
-            return message.id not in self.on_server
-
-    def forget(self, reason: str | None, agent: str, messages) -> None:
-        """The server answered a call with ``reason``: mark what it lost to be sent again."""
+    def forget(self, reason: str | None, agent: str) -> None:
+        """The server answered a call with ``reason``: an unknown template is sent again (an
+        unknown message needs nothing: the dense call that reported it stored it again)."""
         with self.lock:
             if reason == "unknown_template":
                 self.missing_templates.add(agent)
                 if self.application is not None:
                     with self.application.lock:
                         self.application.templates.discard(self.shapes_of.get(agent))
-            elif reason == "unknown_message":
-                self.on_server.difference_update(m.id for m in messages)
 
 
 @contextlib.contextmanager

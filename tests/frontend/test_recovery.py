@@ -1,9 +1,9 @@
 """The endpoint recovers when the server forgets a workflow (no server: a scripted one).
 
 A call answered with ``unknown_template`` makes the endpoint register that agent's template
-again before its next call; ``unknown_message`` makes it send base requests for every message of
-that prompt (program arguments and produced answers alike) before the next call that uses them.
-The endpoint never raises on either.
+again before its next call; ``unknown_message`` needs nothing (the server stored the message
+again from that dense call), and no message is ever sent on its own. The endpoint never raises
+on either.
 """
 
 import pytest
@@ -84,7 +84,7 @@ def test_unknown_template_registers_the_agent_again_before_its_next_call(server)
     backend = server.endpoint
     with workflow("recover") as wf:
         run(solver, question=QUESTIONS[0], backend=backend)
-        assert server.take() == [("template", "0"), ("base", "u1"), ("gen", "0")]
+        assert server.take() == [("template", "0"), ("gen", "0")]
         server.reasons = ["unknown_template"]
         run(solver, question=QUESTIONS[0], backend=backend)
         assert server.take() == [("gen", "0")]
@@ -97,27 +97,22 @@ def test_unknown_template_registers_the_agent_again_before_its_next_call(server)
         assert server.take() == [("gen", "0")]      # registered again once, not every call
 
 
-def test_unknown_message_sends_base_requests_for_the_prompts_messages(server):
+def test_no_message_is_sent_on_its_own_not_even_after_unknown_message(server):
+    """The server keeps a message's KV from the first dense call that computes it (the question
+    inside the solver's prompt, the answer from its generation), and stores it again from the
+    dense call that reported ``unknown_message``: the endpoint sends no base request."""
     backend = server.endpoint
     with workflow("recover") as wf:
         answer = run(solver, question=QUESTIONS[0], backend=backend)["answer"]
         run(checker, question=QUESTIONS[0], answer=answer, backend=backend)
         produced = wf.produced[0]                  # the solver's answer, captured as m2
         assert produced.role == 0 and produced.text == answer
-        assert server.take() == [("template", "0"), ("base", "u1"), ("gen", "0"),
-                                 ("template", "1"), ("gen", "1")]
+        assert server.take() == [("template", "0"), ("gen", "0"), ("template", "1"), ("gen", "1")]
         server.reasons = ["unknown_message"]
         run(checker, question=QUESTIONS[0], answer=answer, backend=backend)
-        assert server.take() == [("gen", "1")]
         assert wf.calls[-1].fallback_reason == "unknown_message"
         run(checker, question=QUESTIONS[0], answer=answer, backend=backend)
-        bases = server.requests[:2]
-        assert server.take() == [("base", "u1"), ("base", produced.id), ("gen", "1")]
-        header = list(backend.tokenize("<|im_start|>user\n"))
-        (_, hints, ids) = bases[1]          # the produced answer, computed as a base message
-        assert ids == header + list(produced.ids) and hints.base[2] == len(header)
-        run(checker, question=QUESTIONS[0], answer=answer, backend=backend)
-        assert server.take() == [("gen", "1")]
+        assert server.take() == [("gen", "1"), ("gen", "1")]
 
 
 def test_other_fallbacks_send_nothing_again(server):
