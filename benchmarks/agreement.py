@@ -13,6 +13,10 @@ Solver's or the Checker's answer (tests/harness/workflow.py), on the question se
    KVCOMM hints. ``--streams`` workflows of one application (they share its templates and
    anchors, docs/isolation.md) run at once, question i in workflow i % streams, each in
    question order; anchors are learned online from the mode's own dense fallbacks. The
+   question's base KV comes from the first agent's dense call, as the product computes it (the
+   first call that holds a message stores it; that call is sent first); a mode with
+   ``"question_base": "neutral"`` (a client-side key, not sent to the server) sends a base
+   request after a neutral header instead, as the official code. The
    answers agents 0 and 1 gave under dense become the messages later prompts reuse (base
    requests: the producer's prompt, then the answer, so the message's base KV is the
    producer's KV of those tokens). A difference is therefore that call's own, never a cascade
@@ -47,7 +51,9 @@ from tests.harness import agreement, workflow  # noqa: E402
 from tests.server.workflow_client import (encode, generate, new_namespace, prompt,  # noqa: E402
                                           render_chat, template_pass, tokenizer)
 
-MODES = {"position_only": {"position_only": True}, "kvcomm": {}, "kvcomm_gamma1": {"gamma": 1.0}}
+MODES = {"position_only": {"position_only": True}, "kvcomm": {}, "kvcomm_gamma1": {"gamma": 1.0},
+         "kvcomm_neutral_base": {"question_base": "neutral"}}
+CLIENT_KEYS = ("question_base",)        # mode keys the client reads, never sent to the server
 TIMEOUT_S = 3600
 PRODUCERS = ("0", "1")          # agents whose answers later prompts hold (the judge reads 0, 1)
 
@@ -114,7 +120,8 @@ def reproduced(url: str, calls: list[dict], new_tokens: int) -> float:
     return agreement.share(a.output_ids == c["dense"] for a, c in zip(again, wave))
 
 
-def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: int) -> list[dict]:
+def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: int,
+             neutral: bool = False) -> list[dict]:
     """The reference prompts with KVCOMM hints, ``streams`` workflows of one application at
     once; -> one row per call (served how, answer), in call order."""
     application = secrets.token_urlsafe(16)
@@ -129,7 +136,8 @@ def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: i
                      ns)
         rows = []
         for q in questions[s::streams]:
-            rows += run_question(url, ns, [c for c in calls if c["question"] == q], new_tokens)
+            rows += run_question(url, ns, [c for c in calls if c["question"] == q], new_tokens,
+                                 neutral)
             done.append(q)
             progress(name, len(done) - 1, len(questions))
         return rows
@@ -139,14 +147,18 @@ def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: i
     return sorted(rows, key=lambda r: order[r["call"]])
 
 
-def run_question(url: str, ns: str, calls: list[dict], new_tokens: int) -> list[dict]:
-    """The question's messages first (its base, and dense's answers of agents 0 and 1 after
-    their prompts), then every agent's call at once: each prompt is known (it holds dense's
-    answers), and a consumer's plan needs its own deviations, which no other agent's dense
-    run of this question adds."""
+def run_question(url: str, ns: str, calls: list[dict], new_tokens: int,
+                 neutral: bool = False) -> list[dict]:
+    """The question's messages first (the first agent's call, which computes the question, or
+    with ``neutral`` its base request; dense's answers of agents 0 and 1 after their prompts),
+    then every other call at once: each prompt is known (it holds dense's answers), and a
+    consumer's plan needs its own deviations, which no other agent's dense run of this
+    question adds."""
     q = calls[0]["question"]
-    base = workflow.question_base(workflow.QUESTIONS[q], encode)
-    gen(url, base.ids, 1, protocol.encode(base=(f"q{q}.q", "user_question", base.drop)), ns)
+    assert calls[0]["agent"] == "0", calls[0]["call"]
+    if neutral:
+        base = workflow.question_base(workflow.QUESTIONS[q], encode)
+        gen(url, base.ids, 1, protocol.encode(base=(f"q{q}.q", "user_question", base.drop)), ns)
     for c in calls:
         if c["agent"] in PRODUCERS:
             gen(url, c["ids"] + c["dense"][:-1], 1, protocol.encode(
@@ -158,7 +170,9 @@ def run_question(url: str, ns: str, calls: list[dict], new_tokens: int) -> list[
         return {"call": c["call"], "question": q, "agent": c["agent"], **out.kvcomm,
                 "ids": out.output_ids}
 
-    return parallel(call, calls, len(calls))
+    first = [] if neutral else [call(calls[0])]         # it computes the question
+    rest = calls[len(first):]
+    return first + parallel(call, rest, len(rest))
 
 
 def score(calls: list[dict], rows: list[dict]) -> list[dict]:
@@ -270,7 +284,7 @@ def main(argv=None):
     for name, config in modes.items():
         if name in scored:
             continue
-        env = {"KVCOMM_CONFIG": json.dumps(config), "KVCOMM_DEBUG_INVARIANTS": "1"}
+        env = {"KVCOMM_CONFIG": json.dumps(server_config(config)), "KVCOMM_DEBUG_INVARIANTS": "1"}
         with ServerProcess(["--device", "cpu"], env=env) as server:
             if calls is None:
                 calls = reference(server.url, args.questions, args.new_tokens, args.streams)
@@ -281,9 +295,15 @@ def main(argv=None):
             # position_only learns nothing: all questions at once (the rest learn online)
             streams = len({c["question"] for c in calls}) if config.get("position_only") \
                 else args.streams
-            scored[name] = score(calls, run_mode(server.url, name, calls, args.new_tokens,
-                                                 streams))
+            scored[name] = score(calls, run_mode(
+                server.url, name, calls, args.new_tokens, streams,
+                config.get("question_base") == "neutral"))
         write(args, modes, scored, checks, started)     # after every mode: a partial result
+
+
+def server_config(config: dict) -> dict:
+    """A mode's KVCOMM_CONFIG: its keys less the client's own (``CLIENT_KEYS``)."""
+    return {k: v for k, v in config.items() if k not in CLIENT_KEYS}
 
 
 def write(args, modes: dict, scored: dict, checks: dict, started: float) -> dict:
