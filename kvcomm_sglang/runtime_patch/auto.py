@@ -3,7 +3,8 @@
 In the launcher process, before a plain request reaches SGLang's tokenizer manager, it is made
 the same KVCOMM request ``KVCommEndpoint`` would send (docs/protocol.md, "Auto mode"): its
 workflow's namespace in ``extra_key``, its shared spans as a layout, its output captured as a
-message; the agent's template pass and base requests for new shared input are sent first, on
+message (SGLang is asked for one token more than the client, which never sees it:
+``auto_extra.py``, so the capture covers the whole answer); the agent's template pass and base requests for new shared input are sent first, on
 the request's own clock. Applies to ``/v1/chat/completions``, ``/v1/completions`` and
 ``/generate`` with ``text``, one prompt with one choice (``n`` = 1), no LoRA, images, input
 embeddings, sessions or KVCOMM hints of its own; others are served exactly as by SGLang. Any
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from kvcomm_sglang import protocol
 from kvcomm_sglang.runtime_patch import auto_report
+from kvcomm_sglang.runtime_patch.auto_extra import HiddenToken, ask_one_more
 from kvcomm_sglang.runtime_patch.auto_spans import char_spans, token_spans
 from kvcomm_sglang.runtime_patch.auto_workflows import (MIN_MESSAGE_CHARS, AutoCall,
                                                        WorkflowTable, namespace_for)
@@ -125,13 +127,33 @@ async def generate_hook(original, manager, obj, request=None, *args, **kwargs):
         except Exception:                     # never fail a plain request over its reuse
             logger.exception("kvcomm auto: serving a request as it came")
             call = None
-    record = auto_report.Record(call) if call is not None else None
-    if record is not None:
-        obj.kvcomm_auto_record = record
+    record = hidden = None
+    if call is not None:
+        record = obj.kvcomm_auto_record = auto_report.Record(call)
+        hidden = _one_more(manager, obj)
     async for out in original(manager, obj, request, *args, **kwargs):
+        out = _hide(hidden, out)
         if record is not None and record.observe(out, _incremental(manager, obj)):
-            _remember(wf, call, record)
+            _remember(wf, call, record, hidden)
         yield out
+
+
+def _one_more(manager, obj) -> HiddenToken | None:
+    try:
+        return ask_one_more(obj, manager, _incremental(manager, obj))
+    except Exception:                         # the request keeps the client's own limit
+        logger.exception("kvcomm auto: not asking for one token more")
+        return None
+
+
+def _hide(hidden: HiddenToken | None, out: dict) -> dict:
+    if hidden is None:
+        return out
+    try:
+        return hidden.hide(out)
+    except Exception:                         # shows the extra token rather than fail
+        logger.exception("kvcomm auto: output passed on as SGLang made it")
+        return out
 
 
 def workflow_namespace(obj, request) -> str:
@@ -242,12 +264,14 @@ def _incremental(manager, obj) -> bool:
     return bool(obj.stream and getattr(manager, "incremental_streaming_output", False))
 
 
-def _remember(wf, call: AutoCall, record) -> None:
-    """The call finished: its output is a message (captured on the server), and what the
-    server said it lost is sent again next time."""
+def _remember(wf, call: AutoCall, record, hidden: HiddenToken | None) -> None:
+    """The call finished: its output is a message (captured on the server: every token but
+    the last generated, which is every token the client saw when the hidden one was made),
+    and what the server said it lost is sent again next time."""
     report = record.report or {}
     wf.forget(report.get("fallback_reason"), call.agent, call.messages)
-    text, ids = record.text, record.output_ids[:-1]
+    cut = hidden is not None and hidden.cut()
+    text, ids = record.text, record.output_ids if cut else record.output_ids[:-1]
     if record.aborted or len(ids) < 1 or len(text) < MIN_MESSAGE_CHARS:
         return
     wf.add(text, ids, call.role, call.capture[1], call.agent, call.capture[0], on_server=True)
