@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,11 +19,22 @@ from kvcomm_sglang.models import default_model_dir
 from tests.harness import workflow
 
 
+_TOKENIZER_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
-def tokenizer():
+def _load_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def tokenizer():
+    """The model's tokenizer, loaded once. Threads that ask first wait for one load: the lazy
+    ``from transformers import AutoTokenizer`` raced in benchmarks/agreement.py's streams
+    (ImportError in one of five threads)."""
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer()
 
 
 def encode(text: str) -> list[int]:
