@@ -41,8 +41,9 @@ def test_debate_reuses_after_warmup_and_dense_mode_is_plain(endpoint):
     reused = [c for c in calls if c.mode == "reuse"]
     assert reused, [(c.agent, c.round, c.fallback_reason) for c in calls]
     assert all(0 < c.reused_tokens < c.prompt_tokens for c in reused)
-    assert all(c.mode == "dense" and c.fallback_reason.startswith("new_anchor")
-               for c in runs[0].calls)            # the first question warms the anchors
+    # the first question warms the anchors; the first call that holds it computes it
+    assert all(c.mode == "dense" and c.fallback_reason.startswith(("new_anchor", "unknown_message"))
+               for c in runs[0].calls)
     dense = graph.run(QUESTIONS[1], endpoint, mode="dense")
     assert all(c.mode == "dense" and c.fallback_reason is None for c in dense.calls)
     assert len(dense.answers) == len(runs[0].answers) and all(dense.answers)

@@ -76,7 +76,7 @@ def test_workflows_of_one_application_name_it_by_its_secret_and_share_template_p
     first.sent_template("0")
     second.missing_templates.add("0")
     assert not second.needs_template("0", shape)           # the application has it already
-    second.forget("unknown_template", "0", [])              # the server lost it: send again
+    second.forget("unknown_template", "0")              # the server lost it: send again
     assert second.needs_template("0", shape)
     graph = AgentGraph([Agent("solver", "You solve.")], application=app)
     assert split_namespace(graph._workflow("kvcomm").namespace)[0] == app.secret
