@@ -4,11 +4,13 @@ In the launcher process, before a plain request reaches SGLang's tokenizer manag
 the same KVCOMM request ``KVCommEndpoint`` would send (docs/protocol.md, "Auto mode"): its
 workflow's namespace in ``extra_key``, its shared spans as a layout, its output captured as a
 message (SGLang is asked for one token more than the client, which never sees it:
-``auto_extra.py``, so the capture covers the whole answer); the agent's template pass and base requests for new shared input are sent first, on
-the request's own clock. Applies to ``/v1/chat/completions``, ``/v1/completions`` and
-``/generate`` with ``text``, one prompt with one choice (``n`` = 1), no LoRA, images, input
-embeddings, sessions or KVCOMM hints of its own; others are served exactly as by SGLang. Any
-error while preparing serves the request as it came (logged).
+``auto_extra.py``, so the capture covers the whole answer); the agent's template pass is sent
+first, on the request's own clock, and nothing else: new shared input is computed by the first
+call that holds it, whose prefill the server keeps as its base KV. Applies to
+``/v1/chat/completions``, ``/v1/completions`` and ``/generate`` with ``text``, one prompt with
+one choice (``n`` = 1), no LoRA, images, input embeddings, sessions or KVCOMM hints of its own;
+others are served exactly as by SGLang. Any error while preparing serves the request as it
+came (logged).
 
 Hooks (SGLang 0.5.17): ``OpenAIServingChat/Completion._convert_to_internal_request`` (AROUND:
 notes the chat contents and the ``user`` field on the internal request),
@@ -18,6 +20,7 @@ message record when the output finishes); ``auto_report.py`` adds the response f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pathlib
@@ -59,7 +62,6 @@ class AutoMode:
     def __init__(self):
         self.secret = server_secret(os.environ.get(ANCHOR_PATH_ENV))
         self.workflows = WorkflowTable()
-        self.base_headers: dict[int, list[int]] = {}
 
 
 def server_secret(anchor_path: str | None) -> bytes:
@@ -122,8 +124,7 @@ async def generate_hook(original, manager, obj, request=None, *args, **kwargs):
     if _applies(obj) and headers.get(OFF_HEADER, "").lower() != "off":
         wf = _auto.workflows.get(workflow_namespace(obj, request))
         try:
-            async with wf.lock:
-                call = await _prepare(original, manager, obj, wf)
+            call = await _prepare(original, manager, obj, wf)
         except Exception:                     # never fail a plain request over its reuse
             logger.exception("kvcomm auto: serving a request as it came")
             call = None
@@ -191,6 +192,8 @@ def _flat_ids(ids) -> bool:
 
 
 async def _prepare(original, manager, obj, wf) -> AutoCall | None:
+    """Plan the call (no await: the workflow's state changes at once, so concurrent calls of
+    a workflow need no lock), await its agent's template pass, then rewrite the request."""
     tokenizer = manager.tokenizer
     prompt = _text_and_offsets(tokenizer, obj)
     if prompt is None:
@@ -198,14 +201,9 @@ async def _prepare(original, manager, obj, wf) -> AutoCall | None:
     text, ids, offsets = prompt
     auto = getattr(obj, "kvcomm_auto", None)
     spans = char_spans(text, wf.candidates(), auto.contents if auto else (), MIN_MESSAGE_CHARS)
-    call = wf.plan(ids, token_spans(text, offsets, spans), _tokenizer_fn(tokenizer),
-                   _base_header(tokenizer))
+    call = wf.plan(ids, token_spans(text, offsets, spans), _tokenizer_fn(tokenizer))
     if call.template_pass is not None:
-        await _send(original, manager, *call.template_pass, wf.namespace)
-        wf.templates_sent.add(call.agent)
-    for base_ids, hints, message in call.bases:
-        await _send(original, manager, base_ids, hints, wf.namespace)
-        wf.on_server.add(message.id)
+        await _template_pass(original, manager, wf, call)
     obj.text, obj.input_ids, obj.extra_key = None, ids, wf.namespace
     params = obj.sampling_params or {}
     obj.sampling_params = {**params, "custom_params": {**(params.get("custom_params") or {}),
@@ -234,23 +232,26 @@ def _tokenizer_fn(tokenizer):
     return lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _base_header(tokenizer) -> list[int]:
-    """The neutral context a base request computes new shared input after: the chat
-    template's text before a lone user message's content (or nothing without a template)."""
-    key = id(tokenizer)
-    if key not in _auto.base_headers:
-        header = []
-        if getattr(tokenizer, "chat_template", None):
-            marker = "\x00kvcomm\x00"
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}],
-                                                     tokenize=False)
-            header = list(tokenizer(rendered.split(marker)[0], add_special_tokens=False)["input_ids"])
-        _auto.base_headers[key] = header
-    return _auto.base_headers[key]
+async def _template_pass(original, manager, wf, call: AutoCall) -> None:
+    """The agent's template pass, sent once: concurrent first calls of one agent await the
+    same pass (calls of other agents and workflows wait for nothing). A failed pass is sent
+    again by the agent's next call."""
+    task = wf.template_sends.get(call.agent)
+    if task is None:
+        task = asyncio.ensure_future(_send(original, manager, *call.template_pass, wf.namespace))
+        wf.template_sends[call.agent] = task
+        task.add_done_callback(lambda done: _template_sent(wf, call.agent, done))
+    await asyncio.shield(task)
+
+
+def _template_sent(wf, agent: str, task) -> None:
+    wf.template_sends.pop(agent, None)
+    if not task.cancelled() and task.exception() is None:
+        wf.templates_sent.add(agent)
 
 
 async def _send(original, manager, ids, custom_params, namespace) -> None:
-    """One internal request (template pass or base request): one new token, awaited."""
+    """One internal request (a template pass): one new token, awaited."""
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     obj = GenerateReqInput(input_ids=list(ids), extra_key=namespace,
@@ -267,9 +268,9 @@ def _incremental(manager, obj) -> bool:
 def _remember(wf, call: AutoCall, record, hidden: HiddenToken | None) -> None:
     """The call finished: its output is a message (captured on the server: every token but
     the last generated, which is every token the client saw when the hidden one was made),
-    and what the server said it lost is sent again next time."""
-    report = record.report or {}
-    wf.forget(report.get("fallback_reason"), call.agent, call.messages)
+    and what the server holds or lost is noted."""
+    if record.report is not None:
+        wf.finished(record.report.get("fallback_reason"), call)
     cut = hidden is not None and hidden.cut()
     text, ids = record.text, record.output_ids if cut else record.output_ids[:-1]
     if record.aborted or len(ids) < 1 or len(text) < MIN_MESSAGE_CHARS:

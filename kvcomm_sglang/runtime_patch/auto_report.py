@@ -2,9 +2,10 @@
 
 ``usage.prompt_tokens_details.cached_tokens`` already counts reused tokens (SGLang counts the
 materialized tail as cached prefix, with ``--enable-cache-report``). Besides, every response of
-an auto request carries ``"kvcomm": {"mode", "reused_tokens", "fallback_reason", "sent_first",
-...}`` (``sent_first``: the template pass and base requests sent before it): at the
-top of a chat or completion response, in the first streamed chunk, and in ``/generate``'s
+an auto request carries ``"kvcomm": {"mode", "reused", "reused_tokens", "fallback_reason",
+"template_pass", "first_computed", ...}`` (whether its agent's template pass was sent before it;
+how many of its messages the server held no KV for yet, so this call computes them first): at
+the top of a chat or completion response, in the first streamed chunk, and in ``/generate``'s
 ``meta_info`` (as ``kvcomm_auto``). Hooks (SGLang 0.5.17): AFTER ``_build_chat_response`` /
 ``_build_completion_response``, AROUND ``_generate_chat_stream`` /
 ``_generate_completion_stream``.
@@ -59,8 +60,8 @@ class Record:
         if self.call.agent is None and report.get("mode") != "reuse":
             report["fallback_reason"] = self.call.reason or "auto:no_shared_content"
         report["reused"] = report.get("mode") == "reuse"
-        report["sent_first"] = {"template_pass": self.call.template_pass is not None,
-                                "base_requests": len(self.call.bases)}
+        report["template_pass"] = self.call.template_pass is not None
+        report["first_computed"] = self.call.first_computed
         return report
 
 

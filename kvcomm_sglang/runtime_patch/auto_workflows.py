@@ -5,13 +5,15 @@ namespace it keeps the messages (earlier outputs and shared inputs: text, token 
 the agents (an agent is its prompt's token prefix before the first shared span: its role; each
 distinct template text of a role is one server-side agent id, as ``KVCommEndpoint`` does), and
 which templates and messages the server holds. ``AutoWorkflow.plan`` turns one prompt into the
-request's KVCOMM hints plus the template pass and base requests it needs first. Everything is
-bounded: messages, roles, shapes per role, workflows (least recently used go first).
+request's KVCOMM hints plus the template pass it needs first. No message needs a request of its
+own: an output is captured from its producer's decode, and shared input (or an output the
+prompt tokenizes otherwise) is stored by the server from the prefill of the first call that
+holds it, computed densely (``capture.first_computed``). Everything is bounded: messages,
+roles, shapes per role, workflows (least recently used go first).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -57,7 +59,7 @@ class AutoCall:
     capture: tuple[str, str]                      # (message id, placeholder)
     messages: tuple[Message, ...] = ()            # the prompt's messages, in order
     template_pass: tuple[list[int], dict] | None = None     # (ids, custom_params)
-    bases: list[tuple[list[int], dict, Message]] = field(default_factory=list)
+    first_computed: int = 0                       # its messages the server does not hold yet
     reason: str | None = None                     # why the prompt has no layout
 
 
@@ -72,7 +74,7 @@ class AutoWorkflow:
     shapes: dict = field(default_factory=dict)                     # (role, shape) -> agent id
     on_server: set = field(default_factory=set)                    # message ids held there
     templates_sent: set = field(default_factory=set)               # agents registered there
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    template_sends: dict = field(default_factory=dict, repr=False)  # agent -> its pass in flight
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
     _roles: itertools.count = field(default_factory=itertools.count, repr=False)
 
@@ -127,17 +129,20 @@ class AutoWorkflow:
             self.shapes[key] = str(role) if count == 0 else f"{role}.{count}"
         return self.shapes[key]
 
-    def forget(self, reason: str | None, agent: str | None, messages) -> None:
-        """The server answered with ``reason``: what it lost is sent again next time."""
+    def finished(self, reason: str | None, call: AutoCall) -> None:
+        """The server answered ``call`` (``reason``: its fallback reason). Its messages are held
+        there now: a dense call stored the ones it computed first (``unknown_message`` too: a
+        message the server lost is stored again). A lost template is sent again next time."""
         if reason == "unknown_template":
-            self.templates_sent.discard(agent)
-        elif reason == "unknown_message":
-            self.on_server.difference_update(m.id for m in messages)
+            self.templates_sent.discard(call.agent)
+        if call.agent is not None:
+            self.on_server.update(m.id for m in call.messages)
 
     # ---- one prompt ----
-    def plan(self, ids: list[int], spans: list[Span], tokenize, base_header: list[int]) -> AutoCall:
+    def plan(self, ids: list[int], spans: list[Span], tokenize) -> AutoCall:
         """``spans`` (from ``auto_spans.token_spans``) -> the call's hints; new shared input
-        becomes a message (base request), a template seen first a template pass."""
+        becomes a message (computed first by this call), a template seen first a template
+        pass."""
         messages = tuple(self._message_at(ids, span) for span in spans)
         bounds = [0] + [b for s in spans for b in (s.start, s.end)] + [len(ids)]
         pieces = [tuple(ids[bounds[k]:bounds[k + 1]]) for k in range(0, len(bounds), 2)]
@@ -162,17 +167,15 @@ class AutoWorkflow:
                         capture, messages)
         if agent not in self.templates_sent:
             call.template_pass = _template_pass(agent, pieces, names, tokenize)
-        call.bases = [(list(base_header) + list(m.ids),
-                       protocol.encode(base=(m.id, m.placeholder, len(base_header))), m)
-                      for m in dict.fromkeys(messages) if m.id not in self.on_server]
+        call.first_computed = sum(m.id not in self.on_server for m in dict.fromkeys(messages))
         return call
 
     def _message_at(self, ids: list[int], span: Span) -> Message:
         """The message whose exact ids fill ``span``. The message found there if its ids match;
-        else its copy with these ids (the prompt tokenizes its text otherwise, e.g. an answer
-        cut at max_tokens, whose last token's KV was never computed): same producer, so the
-        same placeholder, base KV from a base request. New shared input: any shared input with
-        these ids, else a new message (base request)."""
+        else its copy with these ids (the prompt tokenizes its text otherwise than it was
+        generated): same producer, so the same placeholder; its base KV comes from the first
+        call that holds it. New shared input: any shared input with these ids, else a new
+        message (the same)."""
         piece = tuple(ids[span.start:span.end])
         origin = span.message
         if origin is not None and origin.ids == piece:

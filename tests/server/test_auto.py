@@ -1,5 +1,6 @@
 """``kvcomm-sglang serve --kvcomm-auto`` against plain clients (one CPU server for the module):
-examples/openai_agents.py (the plain ``openai`` package) gets reuse after warm-up; streaming,
+examples/openai_agents.py (the plain ``openai`` package) gets reuse after warm-up for the
+agents that read earlier answers (the first agent's call computes each new question); streaming,
 ``n`` > 1, logprobs, tools, /v1/completions and /generate keep working; tenants are apart."""
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def test_the_plain_openai_example_is_served_by_reuse(example_lines):
     assert len(calls) == 15 and all(calls), example_lines
     late = [m for m in calls if int(m[1]) > 3]
     reused = [m[2] for m in late if m[3] == "True"]
-    assert len(reused) >= len(late) / 2 and {"critic", "judge"} & set(reused), example_lines
+    assert {"critic", "judge"} & set(reused), example_lines
+    solvers = [line for line in example_lines if line.split()[1:2] == ["solver"]]
+    assert all(line.endswith("unknown_message") for line in solvers), solvers   # computed there
     for m in calls:
         reused, tokens, cached = m[3] == "True", int(m[4]), int(m[5])
         assert (tokens > 0) == reused and cached >= tokens      # cached_tokens counts reuse
@@ -96,7 +99,8 @@ def test_n_logprobs_tools_completions_and_generate_keep_working(auto_server):
 
 def test_another_api_key_is_another_tenant(auto_server, example_lines):
     """The example's tenant (its key, "none") has anchors for the solver's prompt of question 4;
-    the very same call with another key finds none: tenants share nothing."""
+    the very same call with another key finds none, nor the question: tenants share
+    nothing."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
     reports = {key: chat(auto_server, messages, headers={"Authorization": f"Bearer {key}"},
                          user="openai-agents-example")["kvcomm"]
@@ -104,4 +108,4 @@ def test_another_api_key_is_another_tenant(auto_server, example_lines):
     assert reports["none"]["mode"] == "reuse" or \
         reports["none"]["fallback_reason"] == "new_anchor:ambiguous", reports
     assert reports["another-tenant"]["fallback_reason"] in (
-        "new_anchor:too_few_anchors", "no_anchor_for_consumer"), reports
+        "unknown_message", "new_anchor:too_few_anchors", "no_anchor_for_consumer"), reports

@@ -32,7 +32,7 @@ def plan(wf, tokenizer, system, *contents):
     text, ids, offsets = chat(tokenizer, system, *contents)
     spans = token_spans(text, offsets, char_spans(text, wf.candidates(), contents, 12))
     tokenize = lambda t: tuple(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-    return ids, spans, wf.plan(ids, spans, tokenize, [1, 2, 3])
+    return ids, spans, wf.plan(ids, spans, tokenize)
 
 
 def test_chat_contents_become_token_exact_spans(tokenizer):
@@ -44,10 +44,21 @@ def test_chat_contents_become_token_exact_spans(tokenizer):
     protocol.validate(hints, len(ids), "kvcomm:" + "a" * 22)
     assert [p.kind for p in hints.layout] == ["template", "content", "template"]
     assert hints.layout[1].placeholder == "user_question" and hints.capture[1] == "agent_0_current"
-    assert call.template_pass is not None and len(call.bases) == 1      # both sent first
-    base_ids, base_hints, message = call.bases[0]
-    assert base_ids[:3] == [1, 2, 3] and list(message.ids) == ids[spans[0].start:spans[0].end]
-    assert protocol.decode(base_hints).base == (message.id, "user_question", 3)
+    assert call.template_pass is not None and call.first_computed == 1  # no base request
+    (message,) = call.messages
+    assert list(message.ids) == ids[spans[0].start:spans[0].end]
+    assert hints.layout[1].message == message.id and hints.base is None
+
+
+def test_a_finished_call_leaves_its_messages_held_and_a_lost_template_resent(tokenizer):
+    wf = AutoWorkflow("kvcomm:test")
+    call = plan(wf, tokenizer, "You are a solver.", QUESTION)[2]
+    wf.finished("unknown_message", call)          # the dense call stored the question
+    wf.templates_sent.add(call.agent)
+    again = plan(wf, tokenizer, "You are a solver.", QUESTION)[2]
+    assert again.first_computed == 0 and again.template_pass is None
+    wf.finished("unknown_template", again)
+    assert plan(wf, tokenizer, "You are a solver.", QUESTION)[2].template_pass is not None
 
 
 def test_earlier_output_inside_a_message_is_found_and_second_call_sends_nothing(tokenizer):
@@ -63,20 +74,20 @@ def test_earlier_output_inside_a_message_is_found_and_second_call_sends_nothing(
     assert [p.message for p in hints.layout if p.kind == "content"][1] == "m9"
     assert [p.placeholder for p in hints.layout if p.kind == "content"] == [
         "user_question", "agent_0_current"]
-    assert call.agent == "1" and not call.bases and call.template_pass is not None
+    assert call.agent == "1" and call.first_computed == 0 and call.template_pass is not None
     wf.templates_sent.add("1")
     again = plan(wf, tokenizer, "You are a critic.", QUESTION, f"solver answered:\n{ANSWER}")[2]
-    assert again.template_pass is None and not again.bases and again.agent == "1"
+    assert again.template_pass is None and again.first_computed == 0 and again.agent == "1"
 
 
-def test_an_output_retokenized_otherwise_becomes_shared_input(tokenizer):
+def test_an_output_retokenized_otherwise_is_a_copy_the_call_computes_first(tokenizer):
     wf = AutoWorkflow("kvcomm:test")
     wf.add(ANSWER, (5, 6, 7, 8, 9), 5, "agent_5_current", "5", "m1", on_server=True)
     ids, spans, call = plan(wf, tokenizer, "You are a critic.", f"The solver said:\n{ANSWER}")
     (message,) = call.messages
     assert message.id.startswith("m1.") and message.role == 5 and message.text == ANSWER
     assert protocol.decode(call.hints).layout[1].placeholder == "agent_5_current"
-    assert [m.id for _, _, m in call.bases] == [message.id]
+    assert call.first_computed == 1
     assert plan(wf, tokenizer, "You are a critic.", f"The solver said:\n{ANSWER}")[2].messages \
         == (message,)                                  # one copy per message and token ids
 
@@ -84,8 +95,7 @@ def test_an_output_retokenized_otherwise_becomes_shared_input(tokenizer):
 def test_a_prompt_without_shared_spans_only_captures(tokenizer):
     wf = AutoWorkflow("kvcomm:test")
     text, ids, offsets = chat(tokenizer, "You are a solver.", "Hi")
-    call = wf.plan(ids, token_spans(text, offsets, char_spans(text, [], ["Hi"], 12)),
-                   None, [])
+    call = wf.plan(ids, token_spans(text, offsets, char_spans(text, [], ["Hi"], 12)), None)
     hints = protocol.decode(call.hints)
     assert not hints.layout and hints.capture and call.agent is None
 
