@@ -149,20 +149,19 @@ def run_mode(url: str, name: str, calls: list[dict], new_tokens: int, streams: i
 
 def run_question(url: str, ns: str, calls: list[dict], new_tokens: int,
                  neutral: bool = False) -> list[dict]:
-    """The question's messages first (the first agent's call, which computes the question, or
-    with ``neutral`` its base request; dense's answers of agents 0 and 1 after their prompts),
-    then every other call at once: each prompt is known (it holds dense's answers), and a
-    consumer's plan needs its own deviations, which no other agent's dense run of this
-    question adds."""
+    """The producers' calls in order, then every other call at once (each prompt is known: it
+    holds dense's answers, and a consumer's plan needs its own deviations, which no other
+    agent's dense run of this question adds). The question: the first agent's call computes it,
+    or with ``neutral`` a base request first. A producer's answer (dense's, so that every mode
+    reads the same prompts) becomes its message through a base request of the producer's prompt
+    plus the answer, sent right after the producer's own call: sent before it, that request puts
+    the exact prompt in the namespace's radix tree, and the call is then an exact radix hit, not
+    a reuse (until 2026-12-03's third session agents 0 and 1 were, in every mode)."""
     q = calls[0]["question"]
     assert calls[0]["agent"] == "0", calls[0]["call"]
     if neutral:
         base = workflow.question_base(workflow.QUESTIONS[q], encode)
         gen(url, base.ids, 1, protocol.encode(base=(f"q{q}.q", "user_question", base.drop)), ns)
-    for c in calls:
-        if c["agent"] in PRODUCERS:
-            gen(url, c["ids"] + c["dense"][:-1], 1, protocol.encode(
-                base=(f"q{q}.a{c['agent']}", f"agent_{c['agent']}_current", len(c["ids"]))), ns)
 
     def call(c):
         layout = [protocol.Piece(**p) for p in c["layout"]]
@@ -170,9 +169,13 @@ def run_question(url: str, ns: str, calls: list[dict], new_tokens: int,
         return {"call": c["call"], "question": q, "agent": c["agent"], **out.kvcomm,
                 "ids": out.output_ids}
 
-    first = [] if neutral else [call(calls[0])]         # it computes the question
-    rest = calls[len(first):]
-    return first + parallel(call, rest, len(rest))
+    rows = []
+    for c in (c for c in calls if c["agent"] in PRODUCERS):
+        rows.append(call(c))
+        gen(url, c["ids"] + c["dense"][:-1], 1, protocol.encode(
+            base=(f"q{q}.a{c['agent']}", f"agent_{c['agent']}_current", len(c["ids"]))), ns)
+    rest = [c for c in calls if c["agent"] not in PRODUCERS]
+    return rows + parallel(call, rest, len(rest))
 
 
 def score(calls: list[dict], rows: list[dict]) -> list[dict]:

@@ -1,6 +1,7 @@
 """benchmarks/agreement.py sends the question as the product does (no base request: the first
 agent's call computes it, before the others), or with ``"question_base": "neutral"`` a base
-request first; that key stays on the client (no server process here: ``gen`` is recorded)."""
+request first; that key stays on the client. A producer's answer is stored only after its own
+call (no server process here: ``gen`` is recorded)."""
 
 import types
 
@@ -28,14 +29,16 @@ def record(monkeypatch) -> list:
 def test_the_first_agent_computes_the_question_before_the_others(monkeypatch):
     sent = record(monkeypatch)
     rows = agreement.run_question("url", "ns", CALLS, 4)
-    assert sent == ["base:q0.a0", "base:q0.a1", "0", "1", "2", "3"]
+    # each producer's answer is stored after its own call: sent before, the producer's exact
+    # prompt would be in the radix tree and its call an exact hit instead of a reuse
+    assert sent == ["0", "base:q0.a0", "1", "base:q0.a1", "2", "3"]
     assert [r["agent"] for r in rows] == ["0", "1", "2", "3"]
 
 
 def test_neutral_mode_sends_the_question_base_request_first(monkeypatch):
     sent = record(monkeypatch)
     agreement.run_question("url", "ns", CALLS, 4, neutral=True)
-    assert sent == ["base:q0.q", "base:q0.a0", "base:q0.a1", "0", "1", "2", "3"]
+    assert sent == ["base:q0.q", "0", "base:q0.a0", "1", "base:q0.a1", "2", "3"]
 
 
 def test_client_keys_are_not_part_of_the_server_config():
