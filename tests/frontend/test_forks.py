@@ -1,13 +1,25 @@
 """A forked @sgl.function through KVCommEndpoint: three roles fork after a shared question, a judge
 reads their answers behind its own prompt. The judge's call is served by reuse after warm-up
 (the forks share one role prefix: their answers are named per producing agent), and its verdict
-is compared with a dense prefill of the same prompt."""
+is compared with a dense prefill of the same prompt.
+
+The server runs with the entropy gate off (gamma 1.0, as the timing runs): this tests how a
+forked program's messages reach the judge, not the gate. With the default gamma 0.3 the judge's
+four contents must each pass the gate, and short answers (early EOS, 4-9 tokens) have few anchors
+at least as long; measured with the forks computed densely (no base request: the question's KV
+comes from the first fork), 0 of 10 judge calls passed at gamma 0.3, 7 of 10 at gamma 1.0 (5 of
+7 verdicts equal to dense). The gate's effect on reuse and agreement is measured on the same
+calls by benchmarks/agreement.py."""
+
+import json
 
 import pytest
 import sglang as sgl
 
 from kvcomm_sglang.frontend import KVCommEndpoint, workflow
+from kvcomm_sglang.runtime_patch import launch
 from tests.harness.workflow import QUESTIONS
+from tests.server.conftest import start_server
 
 NUM_QUESTIONS = 10
 ROLES = ("Answer as a careful solver, step by step.",
@@ -39,8 +51,17 @@ def judge_again(s, question, text):
 
 
 @pytest.fixture(scope="module")
-def panel_runs(kvcomm_server):
-    endpoint = KVCommEndpoint(kvcomm_server.url)
+def gate_off_server(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCOMM_CONFIG", json.dumps({"gamma": 1.0}))
+        server = start_server(tmp_path_factory, launch.BACKEND_NAME)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def panel_runs(gate_off_server):
+    endpoint = KVCommEndpoint(gate_off_server.url)
     runs = []
     with workflow("panel") as wf:
         for question in QUESTIONS[:NUM_QUESTIONS]:
