@@ -11,8 +11,10 @@ Every call is also sent densely with the very same prompt on the same server (au
 messages with ``X-KVCOMM-Auto: off``; endpoint: the exact token ids it sent, without hints).
 Reported per side, over its reused calls after ``--warmup`` questions: agreement of the first
 token, the first 8 tokens and the whole answer with dense, and of the verdict (both contain the
-expected answer, or neither). TTFTs are the client's (auto: first streamed token, template
-passes and base requests included). Writes bench-results/auto_agreement.json.
+expected answer, or neither). ``readers_reused``: the same over the calls that read earlier
+answers (the critic and the judge; the solver's call is the first to hold each new question
+and computes it, densely, on both sides). TTFTs are the client's (first streamed token,
+template passes included). Writes bench-results/auto_agreement.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pathlib
 import secrets
 import statistics
 import sys
+from collections import Counter
 
 import requests
 import sglang as sgl
@@ -66,7 +69,8 @@ def run_auto(url, questions, max_tokens):
             text, ttft, kvcomm, _ = ask(client, system, question, earlier, max_tokens, "bench")
             dense, *_ = ask(client, system, question, earlier, max_tokens, "bench",
                             headers={"X-KVCOMM-Auto": "off"})
-            calls.append(call_row(q, name, kvcomm.get("reused", False), ttft, text, dense))
+            calls.append(call_row(q, name, kvcomm.get("reused", False), ttft, text, dense,
+                                  kvcomm.get("fallback_reason")))
             earlier.append((name, text))
     return calls
 
@@ -87,16 +91,16 @@ def run_endpoint(url, questions, max_tokens):
                     "input_ids": endpoint.last_ids, "sampling_params": {
                         "max_new_tokens": max_tokens, "temperature": 0}}).json()["text"]
                 calls.append(call_row(q, name, record.mode == "reuse", record.ttft_s,
-                                      state["answer"], dense))
+                                      state["answer"], dense, record.fallback_reason))
                 earlier.append((name, state["answer"]))
     return calls
 
 
-def call_row(q, agent, reused, ttft, text, dense) -> dict:
+def call_row(q, agent, reused, ttft, text, dense, reason) -> dict:
     tok = tokenizer()
     ids, dense_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (text, dense))
     right = [ANSWERS[q].lower() in t.lower() for t in (text, dense)]
-    return {"question": q, "agent": agent, "reused": reused, "ttft_s": ttft,
+    return {"question": q, "agent": agent, "reused": reused, "reason": reason, "ttft_s": ttft,
             "first_token": ids[:1] == dense_ids[:1], "first_8": ids[:8] == dense_ids[:8],
             "whole": text == dense, "verdict": right[0] == right[1]}
 
@@ -104,8 +108,11 @@ def call_row(q, agent, reused, ttft, text, dense) -> dict:
 def summary(calls, warmup) -> dict:
     counted = [c for c in calls if c["question"] >= warmup]
     reused = [c for c in counted if c["reused"]]
+    readers = [c for c in counted if c["agent"] != AGENTS[0][0]]
     out = {"calls": len(counted), "reused": len(reused),
            "reuse_rate": len(reused) / max(len(counted), 1),
+           "readers_reused": f"{sum(c['reused'] for c in readers)}/{len(readers)}",
+           "fallbacks": dict(Counter(c["reason"] for c in counted if not c["reused"])),
            "median_ttft_s": statistics.median(c["ttft_s"] for c in counted) if counted else None}
     for key in ("first_token", "first_8", "whole", "verdict"):
         out[key] = sum(c[key] for c in reused) / max(len(reused), 1)
@@ -138,13 +145,13 @@ def main(argv=None):
     report = {"questions": args.questions, "warmup": args.warmup, "max_tokens": args.max_tokens,
               **{name: summary(calls, args.warmup) for name, calls in result.items()},
               "calls": result}
-    print(f"{'side':<10}{'reused':>10}{'rate':>7}{'1st tok':>9}{'8 tok':>7}{'whole':>7}"
-          f"{'verdict':>9}{'TTFT s':>8}")
+    print(f"{'side':<10}{'reused':>10}{'rate':>7}{'readers':>9}{'1st tok':>9}{'8 tok':>7}"
+          f"{'whole':>7}{'verdict':>9}{'TTFT s':>8}  fallbacks")
     for name in result:
         s = report[name]
         print(f"{name:<10}{s['reused']:>5}/{s['calls']:<4}{s['reuse_rate']:>7.0%}"
-              f"{s['first_token']:>9.0%}{s['first_8']:>7.0%}{s['whole']:>7.0%}"
-              f"{s['verdict']:>9.0%}{s['median_ttft_s']:>8.2f}")
+              f"{s['readers_reused']:>9}{s['first_token']:>9.0%}{s['first_8']:>7.0%}"
+              f"{s['whole']:>7.0%}{s['verdict']:>9.0%}{s['median_ttft_s']:>8.2f}  {s['fallbacks']}")
     pathlib.Path(args.out).parent.mkdir(exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
 
