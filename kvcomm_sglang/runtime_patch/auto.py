@@ -269,7 +269,7 @@ def _remember(wf, call: AutoCall, record, hidden: HiddenToken | None) -> None:
     """The call finished: its output is a message (captured on the server: every token but
     the last generated, which is every token the client saw when the hidden one was made),
     and what the server holds or lost is noted."""
-    if record.report is not None:
+    if record.report is not None and not record.aborted:     # an aborted call stores nothing
         wf.finished(record.report.get("fallback_reason"), call)
     cut = hidden is not None and hidden.cut()
     text, ids = record.text, record.output_ids if cut else record.output_ids[:-1]
