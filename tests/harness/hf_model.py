@@ -10,6 +10,7 @@ Module-level functions delegate to ``load_model()``; the ``HFModel`` methods are
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from kvcomm_sglang.models import default_model_dir
 from kvcomm_sglang.rope import RopeSpec
 
-NUM_THREADS = 2
+NUM_THREADS = int(os.environ.get("KVCOMM_ORACLE_THREADS", "2"))   # the shared CPU machine: 2
 KV = tuple[torch.Tensor, torch.Tensor]
 
 

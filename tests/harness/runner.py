@@ -5,7 +5,10 @@ naive          every call reuses the cached KV of every piece as computed, keys 
 position_only  every call reuses the cached KV, keys re-rotated to the new positions (no anchors)
 kvcomm         KVCOMM: re-rotation + anchor offsets, dense fallback when the anchors cannot vouch
 
-Reuse modes recompute only the last prompt token (``recompute`` tokens), then decode greedily.
+Reuse modes recompute the last prompt token (the config's ``recompute_last`` tokens, or the
+whole last template piece with ``recompute_last_piece``, as the server does), then decode
+greedily; ``sink`` recomputes the first tokens of every reused piece and ``selective`` the
+tokens with the largest estimated offset (oracle-only options, tests/harness/recompute.py).
 Every reused call is also prefilled densely (same ids) to measure the KV error and the
 same-prompt first token. With a ``reference`` (the dense run's generations), every call's prompt
 holds the dense answers before it and the messages are registered from them: each mode answers
@@ -24,6 +27,7 @@ from kvcomm_sglang.config import KVCommConfig
 from kvcomm_sglang.metrics import ReuseStats, relative_error
 from kvcomm_sglang.planner import Fallback, KVCommState
 from tests.harness import workflow
+from tests.harness.recompute import largest_offsets, refresh, sink_positions
 
 MODES = ("dense", "naive", "position_only", "kvcomm")
 ABLATIONS = ("no_value_correction", "no_key_correction", "no_template_correction",
@@ -44,18 +48,21 @@ class Call:
     dense_first_token: int         # first token of a dense prefill of the same prompt
     kv_rel_error: float            # reused span, layers >= 1, vs dense prefill of the same ids
     dense_answer_ids: list[int] | None = None   # with a reference: dense's answer, same prompt
+    kv_error_kv: tuple = (0.0, 0.0)  # the same error of K alone and of V alone
 
 
 class WorkflowRunner:
     def __init__(self, hf, mode: str, config: KVCommConfig | None = None,
                  max_new_tokens: int = 32, judge: bool = False, ablation: str | None = None,
-                 recompute: int = 1):
+                 sink: int = 0, selective: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         if ablation is not None and ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
+        if sink < 0 or selective < 0:
+            raise ValueError(f"sink ({sink}) and selective ({selective}) must be >= 0")
         self.hf, self.mode, self.max_new_tokens = hf, mode, max_new_tokens
-        self.ablation, self.recompute = ablation, recompute
+        self.ablation, self.sink, self.selective = ablation, sink, selective
         self.generations: dict[tuple[int, int], object] = {}   # (question, agent) -> Generation
         self.state = KVCommState(config or KVCommConfig(), hf.rope, namespace="quality")
         self.stats = ReuseStats()
@@ -87,6 +94,7 @@ class WorkflowRunner:
                                               torch.arange(base.drop, len(base.ids)))
         self.raw[content.key] = (k, v)
         keys, calls = {"user_question": content.key}, []
+        self.last_keys = keys                # the question's contents (tests read the layouts)
         for template in self.templates:
             needed = {ph: keys[ph] for ph in template.placeholders}
             call, gen = self._call(index, template.agent, needed)
@@ -120,19 +128,42 @@ class WorkflowRunner:
             k, v = self._naive_assembly(agent, needed)
         else:
             k, v = self.state.assemble(agent, needed, ablate(plan, self.ablation))
-        gen = self._generate(ids, k, v)
+        recompute = self._recompute_count(layout)
+        k, v, extra = self._refresh(layout, plan, needed, agent, (k, v), n - recompute)
+        gen = self._generate(ids, k, v, recompute)
         ref = self.hf.prefill(ids)
         span = slice(layout.prefix_length, n - 1)
-        err = relative_error(torch.cat([k[:, span], v[:, span]]),
-                             torch.cat([ref.k[:, span], ref.v[:, span]]))
-        reused = n - layout.prefix_length - self.recompute
+        err = [relative_error(torch.cat(a), torch.cat(b)) for a, b in (
+            ((k[:, span], v[:, span]), (ref.k[:, span], ref.v[:, span])),
+            ((k[:, span],), (ref.k[:, span],)), ((v[:, span],), (ref.v[:, span],)))]
+        reused = n - layout.prefix_length - recompute - extra
         self.stats.record_call(agent, n, reused)
         return Call(index, int(agent), self.mode, "reuse", None, n, reused, gen.ids,
-                    int(gen.logits_first.argmax()), int(ref.logits_last.argmax()), err), gen
+                    int(gen.logits_first.argmax()), int(ref.logits_last.argmax()), err[0],
+                    kv_error_kv=(err[1], err[2])), gen
 
-    def _generate(self, ids, k, v):
+    def _recompute_count(self, layout) -> int:
+        """Prompt tokens computed at the end, as the server counts them (``Runtime.decide``)."""
+        cfg = self.state.config
+        count = cfg.recompute_last
+        if cfg.recompute_last_piece:
+            count = max(count, layout.pieces[-1].length)
+        return min(count, layout.total_length - 1)
+
+    def _refresh(self, layout, plan, needed, agent, kv, end: int):
+        """The sink and selective options: -> k, v with the chosen tokens below ``end``
+        recomputed, and how many were."""
+        chosen = set(sink_positions(layout, self.sink, end)) if self.sink else set()
+        if self.selective:
+            plain = self.state.assemble(agent, needed, None)
+            chosen |= set(largest_offsets(kv, plain, layout.prefix_length, end, self.selective))
+        if not chosen:
+            return (*kv, 0)
+        return (*refresh(self.hf, layout.token_ids, *kv, chosen), len(chosen))
+
+    def _generate(self, ids, k, v, recompute: int):
         """Greedy answer from the assembled KV, the last ``recompute`` prompt tokens computed."""
-        r = min(self.recompute, len(ids) - 1)
+        r = min(recompute, len(ids) - 1)
         past = (k[:, :len(ids) - r], v[:, :len(ids) - r])
         if r > 1:
             head = self.hf.prefill(ids[len(ids) - r:-1], past, len(ids) - r)
