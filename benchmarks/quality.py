@@ -218,14 +218,14 @@ def print_table(result):
     print(f"\nmodel {result['model']}, {result['questions']} questions, {result['agents']} agents "
           f"(judge = agent {result['judge_agent']}), {result['new_tokens']} new tokens; figures "
           f"over each mode's reused calls, dense's answer to the same prompt as reference")
-    print(f"{'mode':<24}" + "".join(f"{c[:15]:>17}" for c in cols))
+    print(f"{'mode':<24}" + "".join(f"{c[:18]:>20}" for c in cols))
     for name, m in result["modes"].items():
         cells = []
         for c in cols:
             value, ci = m.get(c), m["ci95"].get(c)
             cells.append("-" if value is None else str(value) if c == "same_calls" else
                          f"{value:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else ""))
-        print(f"{name:<24}" + "".join(f"{x:>17}" for x in cells))
+        print(f"{name:<24}" + "".join(f"{x:>20}" for x in cells))
     print("paired with position_only (difference on calls both reused, 95% interval):")
     for name, p in result["paired_position_only"].items():
         print(f"  {name}: " + ", ".join(
