@@ -1,6 +1,8 @@
 """The oracle's recompute options (tests/harness/recompute.py) on the real model, and that the
 runner reads them and the config's recompute lengths."""
 
+import json
+
 import pytest
 import torch
 
@@ -75,9 +77,7 @@ def test_runner_reads_the_recompute_options(hf, options):
         assert c.reused_tokens == c.prompt_tokens - layout.prefix_length - 1 - count
 
 
-def test_quality_runs_parse_counts_and_combinations():
-    """benchmarks/quality.py: ``sink_N``, ``selective_N`` and ``a+b`` runs are built, not
-    looked up, so every count and combination the ablation table names can be rerun."""
+def quality_bench():
     import importlib.util
     import pathlib
 
@@ -85,7 +85,34 @@ def test_quality_runs_parse_counts_and_combinations():
     spec = importlib.util.spec_from_file_location("quality_bench", path)
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
+    return quality
+
+
+def test_quality_runs_parse_counts_and_combinations():
+    """benchmarks/quality.py: ``sink_N``, ``selective_N`` and ``a+b`` runs are built, not
+    looked up, so every count and combination the ablation table names can be rerun."""
+    quality = quality_bench()
     assert quality.spec_of("sink_4") == {"mode": "kvcomm", "sink": 4}
     assert quality.spec_of("kvcomm_gamma1+selective_16") == {
         "mode": "kvcomm", "selective": 16, "config": {"gamma": 1.0}}
     assert quality.spec_of("kvcomm_gamma1+nope") is None and quality.spec_of("gate_1") is None
+
+
+def test_quality_merge_joins_modes_and_pairs_them_on_the_same_calls(tmp_path):
+    quality = quality_bench()
+
+    def part(name, agree, questions=2):
+        rows = [{"call": f"{i}.0", "served": "reuse", "first_token_agreement": a,
+                 "first8_agreement": a, "answer_agreement": a} for i, a in enumerate(agree)]
+        path = tmp_path / f"{name}{questions}.json"
+        path.write_text(json.dumps({"questions": questions, "new_tokens": 4,
+                                    "modes": {name: {"same_calls": len(rows)}},
+                                    "calls": {name: rows}}))
+        return str(path)
+
+    merged = quality.merge([part("kvcomm", [True, True]), part("position_only", [True, False])])
+    assert set(merged["modes"]) == {"kvcomm", "position_only"}
+    diff = merged["paired_position_only"]["kvcomm_minus_position_only"]["answer_agreement"]
+    assert diff["calls"] == 2 and diff["difference"] == 0.5
+    with pytest.raises(ValueError, match="cannot merge"):
+        quality.merge([part("kvcomm", [True]), part("naive", [True], questions=3)])
