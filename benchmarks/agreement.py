@@ -53,6 +53,10 @@ from tests.server.workflow_client import (encode, generate, new_namespace, promp
 
 MODES = {"position_only": {"position_only": True}, "kvcomm": {}, "kvcomm_gamma1": {"gamma": 1.0},
          "kvcomm_neutral_base": {"question_base": "neutral"}}
+# the ablation rows of docs/fidelity.md that the server can run (the oracle runs all of them)
+OPTIONS = {"temperature_0.3": {"temperature": 0.3}, "last_piece": {"recompute_last_piece": True},
+           "recompute_16": {"recompute_last": 16}, "max_anchors_5": {"max_anchors": 5},
+           "kvcomm_absolute": {"derotated_storage": False}}
 CLIENT_KEYS = ("question_base",)        # mode keys the client reads, never sent to the server
 TIMEOUT_S = 3600
 PRODUCERS = ("0", "1")          # agents whose answers later prompts hold (the judge reads 0, 1)
@@ -246,7 +250,11 @@ def progress(label: str, i: int, n: int) -> None:
 
 
 def parse_modes(args) -> dict:
-    modes = {name: MODES[name] for name in args.modes.split(",") if name}
+    known = {**MODES, **OPTIONS}
+    unknown = [name for name in args.modes.split(",") if name and name not in known]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {sorted(known)}")
+    modes = {name: known[name] for name in args.modes.split(",") if name}
     for extra in args.mode or []:
         name, _, config = extra.partition("=")
         modes[name] = json.loads(config)
@@ -262,7 +270,8 @@ def main(argv=None):
     parser.add_argument("--streams", type=int, default=4,
                         help="workflows (of one application) run at once")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated, from {sorted(MODES)}")
+                        help=f"comma-separated, from {sorted(MODES)} and the options "
+                             f"{sorted(OPTIONS)}")
     parser.add_argument("--mode", action="append", metavar="NAME=JSON",
                         help="another mode: its KVCOMM_CONFIG, e.g. "
                              "'last_piece={\"recompute_last_piece\": true}' (repeatable)")
