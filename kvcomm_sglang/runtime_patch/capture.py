@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 
 from kvcomm_sglang.application import template_key
+from kvcomm_sglang.runtime_patch.segment_store import StoreFull
+from kvcomm_sglang.segments import segment_key
 
 
 def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
     ids, n = list(req.origin_input_ids), len(req.origin_input_ids)
     template = new_template(ns, hints, ids) if hints.template else None
-    first = first_computed(ns, hints, decision)
-    if template or hints.base or decision.learn or first:
+    if template or hints.base or decision.learn:
         k, v = runtime.gather(req, 0, n)
         if template:
             key, piece_ids, names, spans = template
@@ -34,23 +35,42 @@ def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
             content = ns.state.register_content(placeholder, ids[drop:], k[:, drop:],
                                                 v[:, drop:], torch.arange(drop, n))
             ns.bind(message, content.key)
-        for message, placeholder, start, end in first:
-            content = ns.state.register_content(placeholder, ids[start:end], k[:, start:end],
-                                                v[:, start:end], torch.arange(start, end))
-            ns.bind(message, content.key)
         if decision.learn and all(key in ns.state.contents for key in decision.keys.values()) \
                 and decision.template in ns.app.state.templates:
             ns.state.record(decision.template, decision.keys, decision.learn, k, v)
             ns.app.version += 1
+    store_first_computed(runtime, ns, first_computed(ns, hints, decision, n), ids, req)
     if hints.capture:
         capture_output(runtime, ns, hints, req, n, kv_len)
 
 
-def first_computed(ns, hints, decision) -> list[tuple[str, str, int, int]]:
+def store_first_computed(runtime, ns, pieces, ids, req) -> None:
+    """Each piece's KV (gathered piece by piece) as its message's base; the same tokens under
+    the same placeholder already stored (another message id) are bound, not stored again. A
+    piece the store cannot hold is counted (``store_full``) and skipped: the rest of the
+    capture, the call's own output included, goes on."""
+    for message, placeholder, start, end in pieces:
+        key = segment_key(ids[start:end], ns.state.app.key + "|" + placeholder)
+        if key in ns.state.contents:
+            ns.bind(message, key)
+            continue
+        k, v = runtime.gather(req, start, end)
+        try:
+            content = ns.state.register_content(placeholder, ids[start:end], k, v,
+                                                torch.arange(start, end))
+        except StoreFull:
+            runtime.count_fallback("store_full")
+            continue
+        ns.bind(message, content.key)
+
+
+def first_computed(ns, hints, decision, num_ids: int) -> list[tuple[str, str, int, int]]:
     """(message, placeholder, start, end) of the content pieces of a dense call whose message
     the workflow does not hold: this prefill computed them first (exact KV: a dense request never
-    reads approximate KV), so their KV becomes their base KV. Empty pieces are left out."""
-    if decision.kind != "dense" or hints.template or not hints.layout:
+    reads approximate KV), so their KV becomes their base KV. Empty pieces are left out, and so
+    is every piece of a layout that no longer spans the prompt (the scheduler may truncate it)."""
+    if decision.kind != "dense" or hints.template or not hints.layout \
+            or sum(p.length for p in hints.layout) != num_ids:
         return []
     found, pos = [], 0
     for piece in hints.layout:

@@ -80,3 +80,49 @@ def test_an_aborted_call_stores_nothing():
     admit(cache, req)
     release(cache, req, finished=FINISH_ABORT)
     assert "q" not in cache.runtime.namespace(ns).messages
+
+
+def test_a_piece_the_store_cannot_hold_is_skipped_and_the_answer_still_captured():
+    cache = make_cache(size=128, store_budget_fraction=0.25, namespace_quota_fraction=1.0)
+    ns = namespace()
+    template_pass(cache, ns)                                      # store: 32 tokens
+    long = [Piece("template", 3), Piece("content", 40, "user_question", "q"),
+            Piece("template", 2)]
+    ids = [1, 2, 3] + list(range(60, 100)) + [4, 5]
+    serve(cache, ids, ns, {"agent": "a", "layout": long,
+                           "capture": ("ans", "agent_a_current")})
+    space = cache.runtime.namespace(ns)
+    assert "q" not in space.messages and "ans" in space.messages
+    assert cache.runtime.stats.fallbacks["store_full"] == 1
+    assert cache.runtime.stats.fallbacks["capture_error"] == 0
+    assert cache.checker.check(()) == []
+
+
+def test_the_same_tokens_under_another_message_id_share_the_stored_content():
+    cache, ns = make_cache(), namespace()
+    template_pass(cache, ns)
+    serve(cache, [1, 2, 3, 60, 61, 62, 4, 5], ns, CALL)
+    space = cache.runtime.namespace(ns)
+    key = space.messages["q"]
+    content, blocks = space.state.contents[key], cache.runtime.store.tokens
+    other = [Piece("template", 3), Piece("content", 3, "user_question", "q2"),
+             Piece("template", 2)]
+    serve(cache, [1, 2, 3, 60, 61, 62, 4, 5], ns, {"agent": "a", "layout": other})
+    assert space.messages["q2"] == key and space.state.contents[key] is content
+    assert cache.runtime.store.tokens == blocks                   # nothing stored again
+    assert cache.checker.check(()) == []
+
+
+def test_a_layout_that_no_longer_spans_the_prompt_stores_no_piece_but_the_answer():
+    """The scheduler may truncate a prompt after the edge checked its layout
+    (--allow-auto-truncate): the pieces' spans are then unknown."""
+    cache, ns = make_cache(), namespace()
+    template_pass(cache, ns)
+    req = Req([1, 2, 3, 60, 61, 62, 4, 5], ns, {**CALL, "capture": ("ans", "agent_a_current")},
+              output_ids=(7, 8, 9))
+    req.origin_input_ids = req.origin_input_ids[:7]              # truncated after validation
+    admit(cache, req)
+    release(cache, req)
+    space = cache.runtime.namespace(ns)
+    assert "q" not in space.messages and "ans" in space.messages
+    assert cache.runtime.stats.fallbacks["capture_error"] == 0
