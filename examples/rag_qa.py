@@ -1,5 +1,6 @@
 """Retrieval-augmented QA: the retrieved passages are shared content that every agent's prompt
-contains; with KVCOMM their KV is computed once (a base request) and reused by all agents.
+contains; with KVCOMM their KV is computed once (by the first agent's call) and reused by all
+agents.
 Plain @sgl.function programs: only the backend and the workflow() block are KVCOMM-specific.
 
     python examples/rag_qa.py --url http://127.0.0.1:30000
