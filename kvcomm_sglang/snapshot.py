@@ -15,7 +15,9 @@ import torch
 from kvcomm_sglang.anchors import Anchor, Deviation
 from kvcomm_sglang.application import AgentTemplate, ApplicationState, template_key
 
-FORMAT = 1
+FORMAT = 2      # 2: a question's base KV (an anchor's embedding) is the KV of the first call
+                # that computed it, no longer a prefill after a neutral header (38f103b); pools
+                # of format 1 would mix both kinds of embedding, so they are refused
 
 
 def _block(kv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

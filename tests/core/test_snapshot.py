@@ -62,3 +62,13 @@ def test_a_template_whose_ids_do_not_hash_to_its_key_is_refused_with_its_deviati
     assert "0" not in restored.templates and "1" in restored.templates
     assert restored.anchors.num_anchors == 0         # every anchor held only "0"'s deviations
     assert restore(ApplicationState(world.state.config, ROPE, "y"), {"format": 99}) != []
+
+
+def test_a_pool_saved_with_neutral_question_bases_is_refused():
+    """Format 1 pools hold question embeddings computed after a neutral header; this server's
+    bases come from the first call that computed them, so mixing both is refused."""
+    world = warm_world(KVCommConfig(**CONFIG))
+    data = dict(snapshot(world.state.app), format=1)
+    restored = ApplicationState(world.state.config, ROPE, "old")
+    assert restore(restored, data) == ["snapshot format 1, this server reads 2"]
+    assert restored.anchors.num_anchors == 0 and not restored.templates
