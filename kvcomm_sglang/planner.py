@@ -120,12 +120,16 @@ class KVCommState:
                           v: torch.Tensor, piece_spans) -> AgentTemplate:
         return self.app.register_template(agent, piece_ids, placeholders, k, v, piece_spans)
 
+    def content_key(self, placeholder: str, token_ids) -> str:
+        """The key of a content: its tokens under its placeholder, in this application."""
+        return segment_key(token_ids, self.app.key + "|" + placeholder)
+
     def register_content(self, placeholder: str, token_ids, k: torch.Tensor, v: torch.Tensor,
                          positions: torch.Tensor) -> Content:
         """A new shared segment: store its base KV and predict whether anchors can vouch for it."""
         if len(token_ids) != k.shape[1]:
             raise ValueError(f"{len(token_ids)} content ids but {k.shape[1]} KV tokens")
-        key = segment_key(token_ids, self.app.key + "|" + placeholder)
+        key = self.content_key(placeholder, token_ids)
         pool = self.anchors.pool(placeholder)
         cfg = self.config
         content = Content(key, placeholder, tuple(map(int, token_ids)), self.store(k, v, positions))

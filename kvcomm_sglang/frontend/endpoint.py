@@ -4,7 +4,7 @@ Inside ``with workflow():`` each ``gen`` is sent as ``input_ids`` (template text
 by piece, registered messages spliced as their exact ids) with KVCOMM hints, and streamed so the
 client measures TTFT. Outside a workflow the endpoint behaves like ``RuntimeEndpoint``.
 A message needs no request of its own: the first call whose prompt holds it is computed densely
-and the server keeps that KV as the message's base (a program argument such as the question),
+and the server keeps that KV as the message's base when its store has room (a program argument such as the question),
 an answer's comes from its own generation. A call the server answers with ``unknown_template``
 (it forgot the workflow: eviction, restart) was served densely; the agent's template pass is
 sent again before its next call.

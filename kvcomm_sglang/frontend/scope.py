@@ -23,7 +23,7 @@ computes it (a program argument inside the first prompt that holds it, an answer
 generation). The server may forget a workflow (its namespace evicted, a restart): a call then
 falls back to dense with ``unknown_template`` (the workflow marks the agent in
 ``missing_templates`` and sends its template pass again before its next call) or
-``unknown_message`` (that dense call stores the message again).
+``unknown_message`` (that dense call stores the message again when the store has room).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import torch
 
 from kvcomm_sglang.application import template_key
 from kvcomm_sglang.runtime_patch.segment_store import StoreFull
-from kvcomm_sglang.segments import segment_key
 
 
 def capture(runtime, ns, hints, decision, req, kv_len: int) -> None:
@@ -50,7 +49,7 @@ def store_first_computed(runtime, ns, pieces, ids, req) -> None:
     piece the store cannot hold is counted (``store_full``) and skipped: the rest of the
     capture, the call's own output included, goes on."""
     for message, placeholder, start, end in pieces:
-        key = segment_key(ids[start:end], ns.state.app.key + "|" + placeholder)
+        key = ns.state.content_key(placeholder, ids[start:end])
         if key in ns.state.contents:
             ns.bind(message, key)
             continue
