@@ -19,6 +19,8 @@ from __future__ import annotations
 # per-output-token lists of meta_info (tokenizer_manager._INCREMENTAL_STREAMING_META_INFO_KEYS)
 TOKEN_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs",
               "output_token_sampling_mask", "output_token_sampling_logprobs")
+# per-token outputs ``hide`` does not trim: a request asking for them keeps its own limit
+UNTRIMMED = ("return_hidden_states", "return_routed_experts")
 COUNT_KEYS = ("completion_tokens", "output_token_logprobs_length",
               "output_token_sampling_mask_length")
 
@@ -78,6 +80,8 @@ def ask_one_more(obj, manager, incremental: bool) -> HiddenToken | None:
     limit = params.get("max_new_tokens")
     if type(limit) is not int or limit < 1 or not isinstance(obj.input_ids, list):
         return None
+    if any(getattr(obj, flag, False) for flag in UNTRIMMED):
+        return None                 # per-token outputs ``hide`` does not cut: keep the limit
     reserved = getattr(manager, "num_reserved_tokens", 0) or 0
     if len(obj.input_ids) + reserved + limit + 1 > manager.context_len:
         return None

@@ -66,3 +66,13 @@ def test_one_more_is_asked_only_where_the_context_has_room():
     assert full.sampling_params["max_new_tokens"] == 4
     none = SimpleNamespace(input_ids=[1], sampling_params={"max_new_tokens": None})
     assert ask_one_more(none, manager, False) is None
+
+
+def test_a_request_for_hidden_states_or_routed_experts_keeps_its_limit():
+    """Those per-token outputs are not trimmed by ``hide``: no extra token is asked for."""
+    manager = SimpleNamespace(context_len=100, tokenizer=None, num_reserved_tokens=0)
+    for flag in ("return_hidden_states", "return_routed_experts"):
+        obj = SimpleNamespace(input_ids=[1] * 5, sampling_params={"max_new_tokens": 4},
+                              **{flag: True})
+        assert ask_one_more(obj, manager, False) is None
+        assert obj.sampling_params["max_new_tokens"] == 4
