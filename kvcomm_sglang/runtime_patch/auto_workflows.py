@@ -135,8 +135,9 @@ class AutoWorkflow:
         message the server lost is stored again). A lost template is sent again next time."""
         if reason == "unknown_template":
             self.templates_sent.discard(call.agent)
-        if call.agent is not None:
-            self.on_server.update(m.id for m in call.messages)
+        if call.agent is not None:        # not those forgotten meanwhile: on_server stays bounded
+            live = set(self.messages) | {v.id for v in self.variants.values()}
+            self.on_server.update(m.id for m in call.messages if m.id in live)
 
     # ---- one prompt ----
     def plan(self, ids: list[int], spans: list[Span], tokenize) -> AutoCall:

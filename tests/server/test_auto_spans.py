@@ -163,3 +163,15 @@ def test_a_client_minting_workflow_ids_pushes_out_only_its_own_tenants_workflows
     for i in range(50):                                  # another tenant floods new workflows
         table.get(namespace_for(b"k", "tenant-b", f"flood-{i}"))
     assert all(ns in table.workflows for ns in quiet) and len(table.workflows) == 4
+
+
+def test_a_call_finishing_after_its_messages_were_forgotten_adds_nothing(tokenizer):
+    """``finished`` notes a call's messages as held, but not those the workflow dropped while
+    the call ran (``MAX_MESSAGES``): ``on_server`` stays bounded by the messages it knows."""
+    wf = AutoWorkflow("kvcomm:test")
+    call = plan(wf, tokenizer, "You are a solver.", QUESTION)[2]
+    for i in range(MAX_MESSAGES):
+        wf.add(f"text {i}", (i,), 0, "agent_0_current", "0", f"x{i}")
+    assert call.messages[0].id not in wf.messages
+    wf.finished(None, call)
+    assert wf.on_server == set()
