@@ -64,7 +64,7 @@ class AnchorPersistence:
         self.pending: dict[str, pathlib.Path] = {}     # sha256(application id) -> tensor file
         self.refused: dict[str, str] = {}              # meta file name -> why
         self.saved_versions: dict[str, int] = {}       # application id -> version saved
-        self.writes: dict[str, Future] = {}            # sha256(application id) -> last write
+        self.writes: dict[str, Future] = {}            # sha256(application id) -> write in flight
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kvcomm-anchor-save")
         self.last_save = time.monotonic()
         self._scan()
@@ -154,7 +154,8 @@ class AnchorPersistence:
         meta = {"fingerprint": self.fingerprint, "application": name,
                 "templates": sorted(app.state.templates), "saved_at": time.time(),
                 "anchors": app.state.anchors.num_anchors}
-        self.writes[name] = self.writer.submit(self._write, name, data, meta)
+        write = self.writes[name] = self.writer.submit(self._write, name, data, meta)
+        write.add_done_callback(lambda done: self._written(name, done))
         self.saved_versions[app.key] = app.version
         return True
 
@@ -164,6 +165,12 @@ class AnchorPersistence:
         if self.save(app):
             name = digest(app.key)
             self.pending[name] = self.path / f"{name}.pt"
+
+    def _written(self, name: str, write: Future) -> None:
+        """A finished write is nobody's to wait for: only writes in flight stay in ``writes``
+        (one per application ever saved would grow without bound)."""
+        if self.writes.get(name) is write:
+            del self.writes[name]
 
     def flush(self) -> None:
         """Wait for every write in flight (restores and tests read what was written)."""

@@ -92,3 +92,17 @@ def test_eviction_passes_over_the_anchors_a_live_request_reads():
     assert cache.checker.check([req]) == []
     release(cache, req)
     assert cache.checker.check() == []
+
+
+def test_finished_writes_are_not_kept(tmp_path):
+    """Only writes in flight are remembered (restores wait for them): one entry per
+    application ever saved grew without bound."""
+    cache = make_cache(**GATE_OFF)
+    runtime = cache.runtime
+    runtime.persistence = AnchorPersistence(tmp_path, FINGERPRINT, runtime.config)
+    for _ in range(3):
+        warm(cache, secret())
+        cache.after_batch([])                               # idle: each one saved
+    runtime.persistence.flush()
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    assert runtime.persistence.writes == {}
