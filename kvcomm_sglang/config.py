@@ -87,6 +87,14 @@ class KVCommConfig:
                  f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
         _require(self.recompute_last >= 1, f"recompute_last must be >= 1, got {self.recompute_last}")
 
+    def recompute_count(self, last_piece_length: int) -> int:
+        """Prompt tokens a reused call computes at its end: ``recompute_last``, or at least the
+        whole last template piece with ``recompute_last_piece`` (the caller caps it by the
+        prompt's length)."""
+        if self.recompute_last_piece:
+            return max(self.recompute_last, last_piece_length)
+        return self.recompute_last
+
     @classmethod
     def faithful(cls, **overrides) -> "KVCommConfig":
         """The official code's behaviour, quirks included (for A/B parity runs)."""

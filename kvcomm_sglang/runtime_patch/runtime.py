@@ -183,9 +183,7 @@ class KVCommRuntime(Ownership):
         plan = ns.state.plan(template, keys)
         if isinstance(plan, Fallback):
             return Decision("dense", plan.reason, keys=keys, learn=plan.learn, template=template)
-        recompute = self.config.recompute_last
-        if self.config.recompute_last_piece:
-            recompute = max(recompute, hints.layout[-1].length)
+        recompute = self.config.recompute_count(hints.layout[-1].length)
         return Decision("reuse", plan=plan, keys=keys, recompute=min(recompute, len(ids)),
                         template=template)
 

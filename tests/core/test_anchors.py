@@ -104,3 +104,10 @@ def test_config_faithful_values():
     assert (f.gamma, f.max_anchors, f.window, f.temperature, f.top_p) == (0.3, 20, 5, 1.0, 0.9)
     assert f.pool_capacity == 21 and KVCommConfig().pool_capacity == 20
     assert not f.derotated_storage and f.first_corrected_layer == 1
+
+
+def test_recompute_count_is_the_last_tokens_or_the_whole_last_piece():
+    assert KVCommConfig().recompute_count(14) == 1
+    assert KVCommConfig(recompute_last=16).recompute_count(14) == 16
+    assert KVCommConfig(recompute_last_piece=True).recompute_count(14) == 14
+    assert KVCommConfig(recompute_last=16, recompute_last_piece=True).recompute_count(14) == 16

@@ -144,10 +144,7 @@ class WorkflowRunner:
 
     def _recompute_count(self, layout) -> int:
         """Prompt tokens computed at the end, as the server counts them (``Runtime.decide``)."""
-        cfg = self.state.config
-        count = cfg.recompute_last
-        if cfg.recompute_last_piece:
-            count = max(count, layout.pieces[-1].length)
+        count = self.state.config.recompute_count(layout.pieces[-1].length)
         return min(count, layout.total_length - 1)
 
     def _refresh(self, layout, plan, needed, agent, kv, end: int):
