@@ -91,6 +91,23 @@ def decode(custom_params) -> Hints | None:
     return Hints(agent, layout, template, _base(data.get("base")), _capture(data.get("capture")))
 
 
+def piece_spans(layout) -> list[tuple[Piece, int, int]]:
+    """Each piece of a layout with its [start, end) in the prompt."""
+    spans, pos = [], 0
+    for piece in layout:
+        spans.append((piece, pos, pos + piece.length))
+        pos += piece.length
+    return spans
+
+
+def template_of(layout, ids) -> tuple[list[tuple[int, ...]], list[str]]:
+    """A request's template, as its tokens say: the ids of its template pieces and the
+    placeholders between them."""
+    spans = piece_spans(layout)
+    return ([tuple(ids[s:e]) for p, s, e in spans if p.kind == "template"],
+            [p.placeholder for p, _, _ in spans if p.kind == "content"])
+
+
 def validate(hints: Hints, num_input_ids: int, extra_key) -> None:
     """Consistency with the request itself; raises ValueError with the reason."""
     validate_namespace(extra_key)

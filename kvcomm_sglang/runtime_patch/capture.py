@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcomm_sglang import protocol
 from kvcomm_sglang.application import template_key
 from kvcomm_sglang.runtime_patch.segment_store import StoreFull
 
@@ -71,12 +72,11 @@ def first_computed(ns, hints, decision, num_ids: int) -> list[tuple[str, str, in
     if decision.kind != "dense" or hints.template or not hints.layout \
             or sum(p.length for p in hints.layout) != num_ids:
         return []
-    found, pos = [], 0
-    for piece in hints.layout:
-        if piece.kind == "content" and piece.length > 0 and not _held(ns, piece.message) \
+    found = []
+    for piece, start, end in protocol.piece_spans(hints.layout):
+        if piece.kind == "content" and end > start and not _held(ns, piece.message) \
                 and piece.message not in {f[0] for f in found}:
-            found.append((piece.message, piece.placeholder, pos, pos + piece.length))
-        pos += piece.length
+            found.append((piece.message, piece.placeholder, start, end))
     return found
 
 
@@ -90,14 +90,8 @@ def new_template(ns, hints, ids):
     application holds that template already (found by its tokens: a new workflow's pass adds
     nothing, and the deviations learned under it stay). An agent whose template changed is a
     new template, without deviations."""
-    spans, piece_ids, names, pos = [], [], [], 0
-    for piece in hints.layout:
-        if piece.kind == "template":
-            spans.append((pos, pos + piece.length))
-            piece_ids.append(tuple(ids[pos:pos + piece.length]))
-        else:
-            names.append(piece.placeholder)
-        pos += piece.length
+    piece_ids, names = protocol.template_of(hints.layout, ids)
+    spans = [(s, e) for p, s, e in protocol.piece_spans(hints.layout) if p.kind == "template"]
     key = template_key(piece_ids, names)
     return None if key in ns.app.state.templates else (key, piece_ids, names, spans)
 

@@ -166,20 +166,19 @@ class KVCommRuntime(Ownership):
         if getattr(req, "return_logprob", False):
             return Decision("dense", "logprob_requested")
         ids = req.origin_input_ids
-        template = template_key(*template_of(hints.layout, ids))
+        template = template_key(*protocol.template_of(hints.layout, ids))
         if template not in ns.app.state.templates:
             return Decision("dense", "unknown_template", template=template)
-        keys, pos = {}, 0
-        for piece in hints.layout:
+        keys = {}
+        for piece, start, end in protocol.piece_spans(hints.layout):
             if piece.kind == "content":
                 key = ns.messages.get(piece.message)
                 content = ns.state.contents.get(key) if key else None
                 if content is None:
                     return Decision("dense", "unknown_message", template=template)
-                if tuple(ids[pos:pos + piece.length]) != content.token_ids:
+                if tuple(ids[start:end]) != content.token_ids:
                     return Decision("dense", "message_mismatch", template=template)
                 keys[piece.placeholder] = key
-            pos += piece.length
         plan = ns.state.plan(template, keys)
         if isinstance(plan, Fallback):
             return Decision("dense", plan.reason, keys=keys, learn=plan.learn, template=template)
@@ -319,19 +318,6 @@ class KVCommRuntime(Ownership):
 def _version(ns: Namespace) -> tuple[int, int]:
     """What a cached decision was made with: its namespace's and its application's versions."""
     return ns.version, ns.app.version
-
-
-def template_of(layout, ids) -> tuple[list[tuple[int, ...]], list[str]]:
-    """A request's template, as its tokens say: the ids of its template pieces and the
-    placeholders between them."""
-    pieces, names, pos = [], [], 0
-    for piece in layout:
-        if piece.kind == "template":
-            pieces.append(tuple(ids[pos:pos + piece.length]))
-        else:
-            names.append(piece.placeholder)
-        pos += piece.length
-    return pieces, names
 
 
 def _annotate(name: str):

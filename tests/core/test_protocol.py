@@ -160,3 +160,16 @@ def test_input_ids_outside_the_vocabulary_are_refused(token, where):
 def test_input_ids_must_be_a_list(ids):
     with pytest.raises(ValueError, match="input_ids"):
         protocol.validate_input_ids(ids, VOCAB)
+
+
+def test_piece_spans_and_template_of_follow_the_layout():
+    from kvcomm_sglang.protocol import Piece, piece_spans, template_of
+    layout = [Piece("template", 2), Piece("content", 3, "user_question", "q"),
+              Piece("template", 1), Piece("content", 0, "agent_0_current", "a"),
+              Piece("template", 2)]
+    assert [(p.kind, s, e) for p, s, e in piece_spans(layout)] == [
+        ("template", 0, 2), ("content", 2, 5), ("template", 5, 6), ("content", 6, 6),
+        ("template", 6, 8)]
+    ids = [10, 11, 20, 21, 22, 12, 13, 14]
+    assert template_of(layout, ids) == ([(10, 11), (12,), (13, 14)],
+                                        ["user_question", "agent_0_current"])
