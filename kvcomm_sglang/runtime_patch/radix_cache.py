@@ -58,11 +58,24 @@ class KVCommRadixCache(RadixCache):
             return self._exact_only(base, req)
         tail = len(req.origin_input_ids) - decision.recompute - len(base.device_indices)
         if tail <= 0:
-            set_report(req, "reuse", 0, None)
-            return base
+            return self._served_from_tree(base, req, decision)
         set_report(req, "reuse", tail, None)
         node = base.last_device_node
         return base._replace(host_hit_length=tail, best_match_node=node, last_host_node=node)
+
+    def _served_from_tree(self, base, req, decision):
+        """The tree holds the whole reused span already. Approximate nodes on the path (an
+        earlier reuse of the same prompt) are reuse of that many tokens; an all-exact path is
+        SGLang's own radix hit, reported and counted as dense (``radix_hit``), not as reuse."""
+        approx = sum(len(n.key) for n in self.path_to(base.last_device_node)
+                     if getattr(n, "kvcomm_approx", False))
+        if approx:
+            decision.reused = approx
+            set_report(req, "reuse", approx, None)
+        else:
+            self.runtime.mark_dense(req, "radix_hit")
+            set_report(req, "dense", 0, "radix_hit")
+        return base
 
     def _exact_only(self, base, req):
         """Cut the match before the first approximate node on its path. The request then

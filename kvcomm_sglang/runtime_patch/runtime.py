@@ -303,7 +303,8 @@ class KVCommRuntime(Ownership):
             self.metrics.sizes(self.store.tokens * self.store.bytes_per_token, anchors)
 
     def mark_dense(self, req, reason: str) -> None:
-        """Load-back failed: the request computes densely; say so and learn nothing from it."""
+        """The request computes densely after all (load-back failed, or SGLang's own cache held
+        the whole prompt): say so and learn nothing from it."""
         decision = self.decisions.get(req.rid)
         if decision is not None:
             decision.kind, decision.reason, decision.reused = "dense", reason, 0

@@ -166,3 +166,32 @@ def test_namespaces_share_one_match_cache_budget(cache):
     assert runtime.match_cache.used == 2000
     runtime.drop_namespace("kvcomm:a")
     assert runtime.match_cache.used == 1000 and len(runtime.match_cache.entries) == 1
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_a_prompt_the_tree_holds_whole_is_reuse_only_where_it_reads_approximate_kv(cache,
+                                                                                     approx):
+    """A reuse decision whose span the tree already holds: an all-exact path is SGLang's own
+    radix hit (reported and counted dense, ``radix_hit``), a path through approximate nodes is
+    reuse of those tokens; before, both said ``reuse`` with 0 tokens."""
+    from kvcomm_sglang.runtime_patch.report import REPORT_KEY
+
+    insert(cache, [1, 2, 3, 4, 5, 6])
+    if approx:
+        node = cache.match_prefix(MatchPrefixParams(key=RadixKey([1, 2, 9], "kvcomm:x")))
+        node.last_device_node.children[RadixKey([3], "kvcomm:x").child_key(1)].kvcomm_approx = True
+    req = plain_req()
+    req.origin_input_ids = [1, 2, 3, 4, 5, 6, 7]
+    decision = Decision("reuse", recompute=1)
+    cache.runtime.decide = lambda r: decision
+    cache.runtime.decisions[req.rid] = decision
+    served = cache.match_prefix(MatchPrefixParams(key=RadixKey(req.origin_input_ids, "kvcomm:x"),
+                                                  req=req))
+    assert len(served.device_indices) == 6
+    report = req.customized_info[REPORT_KEY][0]
+    if approx:
+        assert (report["mode"], report["reused_tokens"]) == ("reuse", 4)
+        assert decision.kind == "reuse" and decision.reused == 4
+    else:
+        assert (report["mode"], report["fallback_reason"]) == ("dense", "radix_hit")
+        assert decision.kind == "dense" and decision.reused == 0
