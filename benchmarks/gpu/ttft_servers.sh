@@ -16,6 +16,7 @@
 #                   prefix then replays a graph instead of running eagerly
 #   KVCOMM_CONFIG   the kvcomm server's KVCommConfig JSON (default {"gamma": 1.0}: the paper's
 #                   timing run disabled the entropy gate)
+#   SERVER_FLAGS    more flags for both servers (e.g. "--gc-warning-threshold-secs 0.004")
 #   KEEP_DENSE=1    keep a healthy dense server from an earlier call (same flags)
 #   PROFILE=1       one more (untimed) workflow whose last agent's KVCOMM call and dense radix
 #                   hit run under SGLang's torch profiler; trace summaries go to $OUT
@@ -39,7 +40,7 @@ mkdir -p $d && touch $d/RECORD
 printf 'Metadata-Version: 2.1\nName: kvcomm-sglang\nVersion: 0.0.0\n' > $d/METADATA
 printf '[sglang.srt.plugins]\nkvcomm = kvcomm_sglang.runtime_patch.plugin:register\n' > $d/entry_points.txt
 
-flags=()
+flags=(${SERVER_FLAGS:-})
 if [ "${GRAPH_FIX:-0}" = 1 ]; then
   bs=$(python3 -c 'print(*([1, 2] + list(range(4, 33, 4)) + list(range(48, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64)) + list(range(1280, 4097, 256)) + list(range(4608, 8193, 512))))')
   flags+=(--cuda-graph-bs-prefill $bs)
